@@ -1,0 +1,296 @@
+"""Run configuration: dataclass trees, YAML round trip and ``--set key=value`` overrides.
+
+A run is one :class:`RunConfig`. Presets are plain functions returning a fresh ``RunConfig``; a variant calls
+its base and changes a few fields. Overrides walk the dataclass fields, coerce each value by its type hint
+and reject unknown keys with a did-you-mean hint.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "VisionConfig",
+    "TextConfig",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "RunConfig",
+    "apply_overrides",
+    "to_dict",
+    "from_dict",
+    "load_yaml",
+    "dump_yaml",
+]
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """Image tower. ``timm_name`` picks any timm ViT; empty builds one from the explicit size below."""
+
+    timm_name: str = ""
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    class_token: bool = True
+    # Learnable prefix tokens after the class token (Llip mixture tokens, registers).
+    extra_tokens: int = 0
+    pool: Literal["token", "avg", "none"] = "token"
+    pretrained: str = ""
+    drop_path: float = 0.0
+
+    def validate(self) -> None:
+        if not self.timm_name and self.image_size % self.patch_size:
+            raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch {self.patch_size}")
+        if not self.timm_name and self.width % self.heads:
+            raise ValueError(f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
+
+
+@dataclass(kw_only=True)
+class TextConfig:
+    """Text tower: ``clip`` (causal transformer, end-of-text pooling) or ``hf`` (any transformers AutoModel)."""
+
+    kind: Literal["clip", "hf"] = "clip"
+    hf_name: str = ""
+    tokenizer: str = ""  # name or path; empty = the tokenizer saved beside the shapes world
+    context_length: int = 32
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    causal: bool = True
+    pool: Literal["eot", "mean", "first"] = "eot"
+    pretrained: str = ""
+
+    def validate(self) -> None:
+        if self.kind == "hf" and not self.hf_name:
+            raise ValueError("text.kind='hf' needs text.hf_name (a transformers model name or local path)")
+        if self.kind == "clip" and self.width % self.heads:
+            raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 128
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training data. ``train_data`` is a brace pattern of shards; several sources are joined with ``::``."""
+
+    train_data: str = ""  # empty = the shapes world, generated into ``world_dir`` if absent
+    train_weights: str = ""  # one weight per source, joined with ``::``
+    resampled: bool = False
+    world_dir: str = ""  # empty = $VLP_CACHE or ~/.cache/vlp, then shapes-<world_seed>
+    world_seed: int = 0
+    world_train_samples: int = 20000
+    world_noise: float = 0.0  # fraction of wrong or unrelated raw captions
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    augment: bool = False
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 256  # global batch, over all ranks and accumulation steps
+    accum_steps: int = 1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_clip: float = 1.0
+    grad_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    output_dir: str = ""  # empty = runs/<method>-<preset>
+    resume: str = ""  # "", "latest" or a checkpoint path
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    image_grid_every: int = 500
+    eval_every: int = 0  # 0 = only at the end
+    nan_guard: int = 5  # consecutive non-finite steps tolerated (skipped) before stopping
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    data: str = ""  # folder with the shapes world's eval sets; empty = the training world's
+    zeroshot: str = "zeroshot_shape,zeroshot_color,zeroshot_color_shape"
+    retrieval: str = "retrieval"
+    compositional: str = "compositional"
+    imagefolder: str = ""  # an ImageFolder root for extra zero-shot classification
+    batch_size: int = 256
+    at_end: bool = True
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    method: str = "clip"
+    preset: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # The method's own dataclass (e.g. ``ClipConfig``); its type decides which keys ``--set loss.x=`` accepts.
+    loss: Any = None
+
+    def validate(self) -> None:
+        self.model.vision.validate()
+        self.model.text.validate()
+        t = self.train
+        if t.batch_size <= 0 or t.steps <= 0:
+            raise ValueError(f"train.batch_size ({t.batch_size}) and train.steps ({t.steps}) must be positive")
+        if t.accum_steps <= 0 or t.batch_size % t.accum_steps:
+            raise ValueError(f"train.batch_size {t.batch_size} is not divisible by accum_steps {t.accum_steps}")
+        if hasattr(self.loss, "validate"):
+            self.loss.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dict / YAML
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-dict view of a dataclass tree (recursively)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str, options: list[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(key.split(".")[-1], options, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(options))}"
+    return ValueError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def from_dict(cfg: Any, data: dict, *, prefix: str = "") -> Any:
+    """Update dataclass ``cfg`` in place from a nested dict; unknown keys raise ``ValueError``."""
+    hints = _field_types(type(cfg))
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key(path, list(hints), type(cfg).__name__)
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            from_dict(current, value, prefix=f"{path}.")
+        elif value is None and current is not None and dataclasses.is_dataclass(current):
+            raise ValueError(f"config key '{path}' cannot be null")
+        else:
+            setattr(cfg, key, _coerce(value, hints[key], path) if not isinstance(value, dict) else value)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# overrides
+
+
+def _coerce(raw: Any, hint: Any, key: str) -> Any:
+    """Coerce ``raw`` (a string from the command line, or a YAML value) to the type ``hint``."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return raw
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if raw not in choices:
+            raise ValueError(f"config key '{key}' must be one of {list(choices)}, got {raw!r}")
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if raw in (None, "None", "null") and len(args) < len(typing.get_args(hint)):
+            return None
+        return _coerce(raw, args[0], key)
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config key '{key}' expects a boolean, got {raw!r}")
+    if hint in (int, float):
+        try:
+            value = hint(raw) if not isinstance(raw, str) else hint(ast.literal_eval(raw.replace("_", "")))
+        except (ValueError, SyntaxError, TypeError):
+            raise ValueError(f"config key '{key}' expects {hint.__name__}, got {raw!r}") from None
+        if hint is int and isinstance(raw, str) and float(ast.literal_eval(raw)) != value:
+            raise ValueError(f"config key '{key}' expects an integer, got {raw!r}")
+        return value
+    if hint is str:
+        return str(raw)
+    if origin in (list, tuple, dict) or hint in (list, tuple, dict):
+        value = ast.literal_eval(raw) if isinstance(raw, str) else raw
+        return (origin or hint)(value)
+    return raw
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply ``a.b=value`` strings to the dataclass tree ``cfg`` in place and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        node = cfg
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts):
+            hints = _field_types(type(node))
+            if part not in hints:
+                raise _unknown_key(".".join(parts[: i + 1]), list(hints), type(node).__name__)
+            if i == len(parts) - 1:
+                setattr(node, part, _coerce(raw, hints[part], key))
+            else:
+                node = getattr(node, part)
+                if not dataclasses.is_dataclass(node):
+                    raise ValueError(f"config key '{'.'.join(parts[: i + 1])}' is a value, not a section")
+    return cfg
