@@ -1,1 +1,51 @@
+"""Distributed setup (torchrun / SLURM / single process), rank-aware logging and autograd collectives."""
 
+from vlp_core.distributed.collectives import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    neighbour_exchange_bidir_with_grad,
+    neighbour_exchange_with_grad,
+)
+from vlp_core.distributed.utils import (
+    DistInfo,
+    RankFilter,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_initialized,
+    is_main,
+    rank_zero_only,
+    resolve_launch_env,
+    setup_logging,
+    wrap_ddp,
+)
+
+__all__ = [
+    "DistInfo",
+    "RankFilter",
+    "all_gather_no_grad",
+    "all_gather_object",
+    "all_gather_with_grad",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "get_local_rank",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_initialized",
+    "is_main",
+    "neighbour_exchange_bidir_with_grad",
+    "neighbour_exchange_with_grad",
+    "rank_zero_only",
+    "resolve_launch_env",
+    "setup_logging",
+    "wrap_ddp",
+]

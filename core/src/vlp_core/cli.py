@@ -1,0 +1,171 @@
+"""Command-line entry points shared by every method: ``<m>-train`` and ``<m>-eval``.
+
+A method's console script is one line: ``def main(): return train_main(METHOD)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vlp_core.config import RunConfig, apply_overrides, dump_yaml, from_dict, load_yaml
+from vlp_core.method import MethodSpec
+
+__all__ = ["train_main", "eval_main", "build_config", "train_parser"]
+
+log = logging.getLogger("vlp")
+
+# Shortcut flags -> config keys (each also reachable with --set).
+_SHORTCUTS = {
+    "train_data": "data.train_data",
+    "batch_size": "train.batch_size",
+    "steps": "train.steps",
+    "lr": "optim.lr",
+    "output_dir": "train.output_dir",
+    "resume": "train.resume",
+    "workers": "data.workers",
+    "precision": "train.precision",
+    "eval_data": "eval.data",
+    "seed": "train.seed",
+}
+
+
+def train_parser(method: MethodSpec) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{method.name}-train",
+        description=f"{method.description or method.name}. With no arguments: the '{method.default_preset}' "
+        "preset on the synthetic shapes world (generated into ~/.cache/vlp on first use), then evaluation.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        f"  {method.name}-train                                   # the demo\n"
+        f"  {method.name}-train --train-data 'shards/{{00000..00999}}.tar' --batch-size 4096\n"
+        f"  torchrun --nproc_per_node 8 $(which {method.name}-train) --preset <name>\n"
+        f"  {method.name}-train --resume latest                   # continue the newest run exactly\n"
+        f"  {method.name}-train --set optim.lr=1e-3 --set model.vision.depth=6 --print-config",
+    )
+    p.add_argument("--preset", default=method.default_preset,
+                   help=f"named run config: {', '.join(method.presets)} (default: %(default)s)")
+    p.add_argument("--config", help="a YAML run config (e.g. the config.yaml of an earlier run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument("--train-data", help="shard pattern, several sources joined by '::' (data.train_data)")
+    p.add_argument("--batch-size", help="GLOBAL batch over all ranks and accumulation steps (train.batch_size)")
+    p.add_argument("--steps", help="number of optimizer steps (train.steps)")
+    p.add_argument("--lr", help="peak learning rate (optim.lr)")
+    p.add_argument("--output-dir", help="run folder (train.output_dir); default runs/<method>-<preset>-<time>")
+    p.add_argument("--resume", help="'latest' (newest checkpoint of the run folder) or a checkpoint path")
+    p.add_argument("--workers", help="data loader workers per rank (data.workers)")
+    p.add_argument("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
+    p.add_argument("--eval-data", help="folder holding eval/<set> folders (eval.data)")
+    p.add_argument("--seed", help="training seed (train.seed)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def build_config(method: MethodSpec, args: argparse.Namespace) -> RunConfig:
+    cfg = method.preset(args.preset)
+    if args.config:
+        data = load_yaml(args.config)
+        from_dict(cfg, data)
+        cfg.method = method.name
+    shortcuts = [f"{key}={getattr(args, name)}" for name, key in _SHORTCUTS.items()
+                 if getattr(args, name, None) is not None]
+    apply_overrides(cfg, shortcuts + list(args.overrides))
+    cfg.validate()
+    return cfg
+
+
+def _setup_logging(verbose: bool) -> None:
+    from vlp_core.distributed import setup_logging
+
+    setup_logging("DEBUG" if verbose else "INFO")
+
+
+def train_main(method: MethodSpec, argv: list[str] | None = None) -> int:
+    args = train_parser(method).parse_args(argv)
+    if args.list_presets:
+        for name, fn in method.presets.items():
+            doc = (fn.__doc__ or "").strip().splitlines()
+            print(f"{name:20s} {doc[0] if doc else ''}")
+        return 0
+    try:
+        cfg = build_config(method, args)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        _setup_logging(args.verbose)
+        from vlp_core.train.loop import run
+
+        results = run(cfg, method)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"{method.name}-train: error: {e}", file=sys.stderr)
+        return 2
+    if results:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+def eval_main(method: MethodSpec, argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog=f"{method.name}-eval",
+        description="Zero-shot classification, retrieval and the compositional probe for a trained checkpoint, "
+        "sharded over ranks under torchrun.")
+    p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
+    p.add_argument("--eval-data", help="folder holding eval/<set> folders (default: the run's shapes world)")
+    p.add_argument("--imagefolder", help="an ImageFolder root to classify zero-shot as well")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override eval.* keys, e.g. --set eval.zeroshot=zeroshot_shape")
+    p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        _setup_logging(args.verbose)
+        results = _evaluate_checkpoint(method, args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{method.name}-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _evaluate_checkpoint(method: MethodSpec, args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    from vlp_core.distributed import init_distributed
+    from vlp_core.logging.writer import RunWriter
+    from vlp_core.train.checkpoint import CheckpointManager
+    from vlp_core.train.loop import TrainStep
+    from vlp_core.train.setup import build_parts, evaluate, resolve_world
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest() \
+            or path
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {args.checkpoint}")
+    saved = CheckpointManager.load(path)
+    cfg = method.preset(saved["config"].get("preset", method.default_preset)
+                        if saved["config"].get("preset") in method.presets else method.default_preset)
+    from_dict(cfg, saved["config"])
+    if args.eval_data:
+        cfg.eval.data = args.eval_data
+    if args.imagefolder:
+        cfg.eval.imagefolder = args.imagefolder
+    apply_overrides(cfg, args.overrides)
+    info = init_distributed()
+    world = resolve_world(cfg, info)
+    parts = build_parts(cfg, method, world=world, device=info.device)
+    step_module = TrainStep(parts.model, parts.loss)
+    step_module.load_state_dict(saved["model"])
+    step_module.to(info.device)
+    cfg.train.output_dir = str(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    writer = RunWriter(cfg.train.output_dir, enabled=False)
+    with torch.no_grad():
+        return evaluate(cfg, method, parts, step_module, writer, saved["step"], info.device)

@@ -1,0 +1,352 @@
+"""Readers for the evaluation sets: zero-shot shards, ImageFolder roots, retrieval and compositional shards.
+
+Shape legend:
+    B: batch of images    H, W: image height and width (both ``image_size`` after the transform)
+
+Every reader is a plain re-iterable (no DataLoader: decoding a thousand small JPEGs is quick) yielding
+``(images_uint8_BCHW, *fields)`` for this rank's share: the samples whose position in the whole set
+(all samples of all shards, shards in sorted order) is ``rank`` modulo ``world_size``. Undecodable images
+and samples with unreadable metadata are skipped and counted in :attr:`ImageBatches.skipped`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlp_core.data.tario import CorruptShard, iter_samples
+from vlp_core.data.transforms import ImageDecodeError, build_transform, decode_image
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "IMAGE_EXTS",
+    "ImageBatches",
+    "load_zeroshot_shards",
+    "load_imagefolder",
+    "load_retrieval_shards",
+    "load_compositional_shards",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES: list[str] = [
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a rendering of a {}.",
+]
+
+# Member extensions (shards) and file suffixes (ImageFolder) accepted as the image.
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+_FOLDER_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+# One raw item of a rank's share: ``(image bytes, per-sample fields)`` or ``None`` for a sample to skip.
+RawItem = tuple[bytes, tuple[Any, ...]] | None
+
+
+class ImageBatches:
+    """Re-iterable batches ``(images_uint8_BCHW, *fields)``; a field of ints is collated to a LongTensor.
+
+    Args:
+        raw_items: Returns a fresh iterator over this rank's raw items on each call.
+        image_size: Output side ``S`` of ``build_transform``.
+        batch_size: Images per batch (the last one may be smaller).
+        name: For log messages.
+    """
+
+    def __init__(
+        self, raw_items: Callable[[], Iterator[RawItem]], *, image_size: int, batch_size: int, name: str
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self._raw_items = raw_items
+        self._transform = build_transform(image_size)
+        self.batch_size = batch_size
+        self.name = name
+        # Skipped samples of the most recent full pass (reset at the start of each pass).
+        self.skipped = 0
+
+    def _collate(self, images: list[torch.Tensor], fields: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        columns: list[Any] = []
+        for column in zip(*fields):
+            if all(isinstance(v, int) for v in column):
+                columns.append(torch.tensor(column, dtype=torch.long))
+            else:
+                columns.append(list(column))
+        return (torch.stack(images), *columns)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        self.skipped = 0
+        images: list[torch.Tensor] = []
+        fields: list[tuple[Any, ...]] = []
+        for item in self._raw_items():
+            if item is None:
+                self.skipped += 1
+                continue
+            data, extra = item
+            try:
+                img_CHW = self._transform(decode_image(data))
+            except ImageDecodeError as e:
+                log.debug("%s: skipping undecodable image: %s", self.name, e)
+                self.skipped += 1
+                continue
+            images.append(img_CHW)
+            fields.append(extra)
+            if len(images) == self.batch_size:
+                yield self._collate(images, fields)
+                images, fields = [], []
+        if images:
+            yield self._collate(images, fields)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shard helpers
+
+
+def _shard_urls(folder: Path, what: str) -> list[str]:
+    if not folder.is_dir():
+        raise ValueError(f"{what} folder not found: {folder}")
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    if not urls:
+        raise ValueError(f"no *.tar shards in {what} folder {folder}")
+    return urls
+
+
+def _iter_all_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Every sample of every shard in order; a broken-off shard ends with a warning, not a traceback."""
+    for url in urls:
+        try:
+            yield from iter_samples(url)
+        except CorruptShard as e:
+            log.warning("eval shard is truncated, later samples of it are lost: %s", e)
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes | None:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def _own_samples(urls: list[str], rank: int, world_size: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(position, sample)`` for the samples of this rank's share."""
+    _check_rank(rank, world_size)
+    for pos, sample in enumerate(_iter_all_samples(urls)):
+        if pos % world_size == rank:
+            yield pos, sample
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world_size {world_size}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def _templates_from(meta: dict[str, Any], path: Path) -> list[str]:
+    templates = meta.get("templates") or DEFAULT_TEMPLATES
+    if not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise ValueError(f"every template in {path} must be a string with a '{{}}' placeholder")
+    return list(templates)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+
+def load_zeroshot_shards(
+    folder: str | Path, *, image_size: int, rank: int = 0, world_size: int = 1, batch_size: int = 256
+) -> tuple[ImageBatches, list[str], list[str]]:
+    """Zero-shot shards (members ``jpg`` + ``cls``) and their ``classes.json``.
+
+    Returns:
+        ``(batches of (images_uint8_BCHW, labels_B), classnames, templates)``.
+    """
+    folder = Path(folder)
+    urls = _shard_urls(folder, "zero-shot")
+    meta_path = folder / "classes.json"
+    if not meta_path.is_file():
+        raise ValueError(f"zero-shot set {folder} has no classes.json: {meta_path}")
+    meta = _read_json(meta_path)
+    classnames = meta.get("classnames") if isinstance(meta, dict) else None
+    if not classnames or not all(isinstance(c, str) for c in classnames):
+        raise ValueError(f"{meta_path} needs a non-empty list of strings under 'classnames'")
+    templates = _templates_from(meta, meta_path)
+    num_classes = len(classnames)
+
+    def raw_items() -> Iterator[RawItem]:
+        for _, sample in _own_samples(urls, rank, world_size):
+            data = _image_bytes(sample)
+            try:
+                label = int(sample["cls"].decode("ascii").strip())
+            except (KeyError, UnicodeDecodeError, ValueError):
+                label = None
+            if data is None or label is None:
+                yield None
+                continue
+            if not 0 <= label < num_classes:
+                # A label beyond classes.json means the shards and the class list do not belong together.
+                raise ValueError(
+                    f"label {label} of sample {sample['__key__']} in {sample['__url__']} is outside the "
+                    f"{num_classes} classes of {meta_path}"
+                )
+            yield data, (label,)
+
+    batches = ImageBatches(raw_items, image_size=image_size, batch_size=batch_size, name=str(folder))
+    return batches, list(classnames), templates
+
+
+def load_imagefolder(
+    root: str | Path, *, image_size: int, rank: int = 0, world_size: int = 1, batch_size: int = 256
+) -> tuple[ImageBatches, list[str], list[str]]:
+    """An ImageFolder root: one subfolder per class (sorted; ``_`` in the name becomes a space).
+
+    Templates come from ``classes.json`` at the root when present (key ``templates``), else
+    :data:`DEFAULT_TEMPLATES`.
+
+    Returns:
+        ``(batches of (images_uint8_BCHW, labels_B), classnames, templates)``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"ImageFolder root not found: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"ImageFolder root {root} has no class subfolders")
+    files: list[tuple[Path, int]] = []
+    for label, class_dir in enumerate(class_dirs):
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames.sort()  # deterministic walk order, so every rank enumerates the same list
+            for fname in sorted(filenames):
+                if not fname.startswith(".") and Path(fname).suffix.lower() in _FOLDER_SUFFIXES:
+                    files.append((Path(dirpath) / fname, label))
+    if not files:
+        raise ValueError(f"ImageFolder root {root} has no image files")
+    classnames = [p.name.replace("_", " ") for p in class_dirs]
+    meta_path = root / "classes.json"
+    templates = _templates_from(_read_json(meta_path), meta_path) if meta_path.is_file() else DEFAULT_TEMPLATES
+    _check_rank(rank, world_size)
+
+    def raw_items() -> Iterator[RawItem]:
+        for path, label in files[rank::world_size]:
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                log.warning("cannot read %s: %s", path, e)
+                yield None
+                continue
+            yield data, (label,)
+
+    batches = ImageBatches(raw_items, image_size=image_size, batch_size=batch_size, name=str(root))
+    return batches, classnames, list(templates)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def _parse_captions(sample: dict[str, Any]) -> list[str] | None:
+    try:
+        meta = json.loads(sample["json"])
+        captions = meta["captions"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return None
+    return captions
+
+
+def load_retrieval_shards(
+    folder: str | Path, *, image_size: int, rank: int = 0, world_size: int = 1, batch_size: int = 256
+) -> tuple[ImageBatches, list[str], torch.Tensor]:
+    """Retrieval shards (members ``jpg`` + ``json`` ``{"captions": [...]}``).
+
+    Every rank reads all captions (a first pass over the shards; the image side streams lazily in a
+    second one) so caption ids are global and identical on all ranks. An image's id is its sample
+    position in the whole set.
+
+    Returns:
+        ``(batches of (images_uint8_BCHW, image_ids_B), captions, caption_to_image)`` where
+        ``caption_to_image[m]`` is the image id of caption ``m`` (LongTensor ``[M]``).
+    """
+    folder = Path(folder)
+    urls = _shard_urls(folder, "retrieval")
+    _check_rank(rank, world_size)
+    captions: list[str] = []
+    owners: list[int] = []
+    valid: list[bool] = []
+    for pos, sample in enumerate(_iter_all_samples(urls)):
+        caps = _parse_captions(sample)
+        ok = caps is not None and _image_bytes(sample) is not None
+        valid.append(ok)
+        if ok:
+            assert caps is not None
+            captions.extend(caps)
+            owners.extend([pos] * len(caps))
+    caption_to_image = torch.tensor(owners, dtype=torch.long)
+
+    def raw_items() -> Iterator[RawItem]:
+        for pos, sample in _own_samples(urls, rank, world_size):
+            data = _image_bytes(sample)
+            # ``valid`` comes from the first pass; a shard changed in between would be a broken set anyway.
+            if pos >= len(valid) or not valid[pos] or data is None:
+                yield None
+                continue
+            yield data, (pos,)
+
+    batches = ImageBatches(raw_items, image_size=image_size, batch_size=batch_size, name=str(folder))
+    return batches, captions, caption_to_image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compositional probe
+
+
+def load_compositional_shards(
+    folder: str | Path, *, image_size: int, rank: int = 0, world_size: int = 1, batch_size: int = 256
+) -> ImageBatches:
+    """Compositional probe shards (members ``jpg`` + ``json`` ``{"positive": str, "negative": str}``).
+
+    Returns:
+        Batches of ``(images_uint8_BCHW, positives: list[str], negatives: list[str])``.
+    """
+    folder = Path(folder)
+    urls = _shard_urls(folder, "compositional")
+
+    def raw_items() -> Iterator[RawItem]:
+        for _, sample in _own_samples(urls, rank, world_size):
+            data = _image_bytes(sample)
+            try:
+                meta = json.loads(sample["json"])
+                pos, neg = meta["positive"], meta["negative"]
+            except (KeyError, TypeError, ValueError):
+                pos = neg = None
+            if data is None or not isinstance(pos, str) or not isinstance(neg, str):
+                yield None
+                continue
+            yield data, (pos, neg)
+
+    return ImageBatches(raw_items, image_size=image_size, batch_size=batch_size, name=str(folder))
+
+
+def iter_image_batches(batches: Iterable[tuple[Any, ...]], max_batch: int) -> Iterator[tuple[Any, ...]]:
+    """Split incoming ``(images, *fields)`` batches larger than ``max_batch`` (fields sliced alike)."""
+    for batch in batches:
+        n = batch[0].shape[0]
+        if n <= max_batch:
+            yield batch
+            continue
+        for start in range(0, n, max_batch):
+            yield tuple(b[start : start + max_batch] for b in batch)
