@@ -64,8 +64,7 @@ def test_extra_tokens_have_own_positions() -> None:
     assert not trunk.no_embed_class
     assert trunk.pos_embed.shape == (1, 1 + 3 + 16, 16)
     assert trunk.reg_token.shape == (1, 3, 16)
-    # Changing the position row of extra token 1 (sequence index 2) changes that token's output only among
-    # the prefix at layer 0 input; through attention it reaches everything, so check the prefix changes.
+    # The position row at sequence index 2 belongs to extra token 1: perturbing it must move that token.
     x = _images()
     before = tower(x).prefix.detach().clone()
     with torch.no_grad():

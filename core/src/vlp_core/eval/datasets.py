@@ -31,6 +31,7 @@ __all__ = [
     "load_imagefolder",
     "load_retrieval_shards",
     "load_compositional_shards",
+    "iter_image_batches",
 ]
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,9 @@ def load_imagefolder(
         raise ValueError(f"ImageFolder root {root} has no image files")
     classnames = [p.name.replace("_", " ") for p in class_dirs]
     meta_path = root / "classes.json"
-    templates = _templates_from(_read_json(meta_path), meta_path) if meta_path.is_file() else DEFAULT_TEMPLATES
+    templates = (
+        _templates_from(_read_json(meta_path), meta_path) if meta_path.is_file() else DEFAULT_TEMPLATES
+    )
     _check_rank(rank, world_size)
 
     def raw_items() -> Iterator[RawItem]:

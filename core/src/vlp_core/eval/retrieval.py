@@ -236,8 +236,12 @@ def retrieval_eval(
         image_ids = all_gather_rows(torch.cat(ids) if ids else None, device)
         if image_states is None or image_ids is None:
             nan = float("nan")
-            return {**{f"{d}_R@{k}": nan for d in ("i2t", "t2i") for k in ks}, "mean_recall": nan,
-                    "n_images": 0.0, "n_texts": 0.0}  # fmt: skip
+            return {
+                **{f"{d}_R@{k}": nan for d in ("i2t", "t2i") for k in ks},
+                "mean_recall": nan,
+                "n_images": 0.0,
+                "n_texts": 0.0,
+            }
         # Rows in id order, so a caption's image is found by binary search on the sorted ids.
         image_ids, order = image_ids.sort()
         image_states = image_states[order]

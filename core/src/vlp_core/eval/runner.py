@@ -66,8 +66,10 @@ def _skipped(batches: ImageBatches, device: torch.device) -> float:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.2f}" if k not in ("n", "n_images", "n_texts", "skipped") else f"{k}={v:.0f}"
-                    for k, v in metrics.items())  # fmt: skip
+    return " ".join(
+        f"{k}={v:.2f}" if k not in ("n", "n_images", "n_texts", "skipped") else f"{k}={v:.0f}"
+        for k, v in metrics.items()
+    )
 
 
 def run_evaluation(

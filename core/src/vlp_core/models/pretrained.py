@@ -2,8 +2,8 @@
 
 Accepted sources:
     - ``*.safetensors`` file;
-    - ``*.pt`` / ``*.pth`` / ``*.bin`` / ``*.ckpt`` file read with ``torch.load(weights_only=True)``; a dict that
-      wraps the weights under ``"state_dict"`` or ``"model"`` (trainer checkpoints) is unwrapped;
+    - ``*.pt`` / ``*.pth`` / ``*.bin`` / ``*.ckpt`` file read with ``torch.load(weights_only=True)``; a dict
+      that wraps the weights under ``"state_dict"`` or ``"model"`` (trainer checkpoints) is unwrapped;
     - a folder holding one of :data:`WEIGHT_FILES`;
     - a hub repository id ``owner/name`` (optionally ``hf-hub:owner/name``), downloaded with
       ``huggingface_hub.hf_hub_download``.

@@ -108,9 +108,7 @@ class CausalTextTransformer(nn.Module):
         self.grad_checkpointing = False
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = nn.ModuleList(
-            TransformerBlock(width, heads, mlp_ratio=mlp_ratio) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio=mlp_ratio) for _ in range(depth))
         self.ln_final = nn.LayerNorm(width)
         self.init_weights()
 
@@ -147,21 +145,28 @@ class CausalTextTransformer(nn.Module):
         Returns:
             [B, L, D] features after the final norm.
         """
-        B, L, D = x_BLD.shape
-        if L > self.context_length:
-            raise ValueError(f"text sequence of length {L} exceeds the context length {self.context_length}")
-        if D != self.width:
-            raise ValueError(f"text embeddings have width {D}, the tower expects {self.width}")
-        x_BLD = x_BLD + self.positional_embedding[:L].to(x_BLD.dtype)
+        batch, seq_len, width = x_BLD.shape
+        if seq_len > self.context_length:
+            raise ValueError(
+                f"text sequence of length {seq_len} exceeds the context length {self.context_length}"
+            )
+        if width != self.width:
+            raise ValueError(f"text embeddings have width {width}, the tower expects {self.width}")
+        x_BLD = x_BLD + self.positional_embedding[:seq_len].to(x_BLD.dtype)
         attn_mask = None
         if attention_mask_BL is not None:
-            if attention_mask_BL.shape != (B, L):
-                raise ValueError(f"attention_mask must be [B, L] = [{B}, {L}], got {list(attention_mask_BL.shape)}")
+            if attention_mask_BL.shape != (batch, seq_len):
+                raise ValueError(
+                    f"attention_mask must be [B, L] = [{batch}, {seq_len}], "
+                    f"got {list(attention_mask_BL.shape)}"
+                )
             attn_mask = padding_to_attn_mask(attention_mask_BL, causal=self.causal)
         is_causal = self.causal and attn_mask is None
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x_BLD = checkpoint(block, x_BLD, attn_mask=attn_mask, is_causal=is_causal, use_reentrant=False)
+                x_BLD = checkpoint(
+                    block, x_BLD, attn_mask=attn_mask, is_causal=is_causal, use_reentrant=False
+                )
             else:
                 x_BLD = block(x_BLD, attn_mask=attn_mask, is_causal=is_causal)
         return self.ln_final(x_BLD)
@@ -202,7 +207,9 @@ class HFTextTower(nn.Module):
         from_config: Build the architecture with random weights instead of loading them.
     """
 
-    def __init__(self, name_or_path: str, *, pool: str = "mean", pad_id: int, from_config: bool = False) -> None:
+    def __init__(
+        self, name_or_path: str, *, pool: str = "mean", pad_id: int, from_config: bool = False
+    ) -> None:
         super().__init__()
         if pool not in _POOLS:
             raise ValueError(f"text pool must be one of {list(_POOLS)}, got {pool!r}")

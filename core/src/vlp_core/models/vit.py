@@ -170,15 +170,15 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
             raise ValueError("vision.extra_tokens > 0 cannot be combined with vision.pretrained='timm'")
         if cfg.extra_tokens:
             common["reg_tokens"] = cfg.extra_tokens
+        if not timm.is_model(cfg.timm_name):
+            raise ValueError(f"vision.timm_name {cfg.timm_name!r} is not a timm model")
         try:
             trunk = timm.create_model(cfg.timm_name, pretrained=timm_pretrained, **common)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"vision.timm_name {cfg.timm_name!r} is not a timm model") from None
-            raise
         except (AssertionError, TypeError) as e:
             # timm asserts (token pooling without class token) or rejects ViT kwargs on other families.
-            raise ValueError(f"timm model {cfg.timm_name!r} cannot be built as a vision tower: {e}") from e
+            raise ValueError(
+                f"timm model {cfg.timm_name!r} cannot be built as a VisionTransformer tower: {e}"
+            ) from e
         if not isinstance(trunk, VisionTransformer):
             raise ValueError(
                 f"vision.timm_name {cfg.timm_name!r} builds a {type(trunk).__name__}, "
@@ -202,4 +202,3 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     if cfg.pretrained and not timm_pretrained:
         _load_local(tower, cfg.pretrained)
     return tower
-

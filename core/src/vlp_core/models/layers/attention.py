@@ -83,7 +83,7 @@ class Attention(nn.Module):
             [B, L, D] output.
         """
         if attn_mask is not None and is_causal:
-            raise ValueError("pass either attn_mask or is_causal; fold causality into the mask to combine them")
+            raise ValueError("pass either attn_mask or is_causal; fold causality into the mask to combine")
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             raise ValueError(f"attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
         B, L, D = x_BLD.shape
