@@ -103,10 +103,9 @@ def test_source_weights(tmp_path):
 
 def test_skips_are_counted_and_truncated_shard_is_not_fatal(tmp_path):
     shards = write_shards(tmp_path, n_shards=3, per_shard=10, bad_every=7)
-    # cut the last shard in the middle of a member
+    # cut the last shard inside its sixth member (each member: a 512-byte header and one 512-byte block)
     last = tmp_path / "00002.tar"
-    data = last.read_bytes()
-    last.write_bytes(data[: len(data) // 2 + 100])
+    last.write_bytes(last.read_bytes()[: 5 * 1024 + 600])
     complete = sum(1 for _ in _safe(str(last)))
     p = make(shards, shuffle_buffer=0, batch_size=1)
     got = take(p, 0, 40)  # a bit more than one epoch

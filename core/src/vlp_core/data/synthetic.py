@@ -15,31 +15,36 @@ class ``color_idx * len(SHAPES) + shape_idx`` named ``"<color> <shape>"``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import io
+import itertools
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vlp_core.config import DataConfig
 from vlp_core.data.tario import ShardWriter
-from vlp_core.data.tokenizer import train_word_tokenizer
 
+if TYPE_CHECKING:
+    from vlp_core.config import DataConfig
+
+# fmt: off
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "WORLD_VERSION", "DEFAULT_EVAL_SIZES",
     "ZEROSHOT_TEMPLATES", "sample_objects", "render_sample", "raw_caption", "clean_caption", "long_sentences",
     "long_caption", "retrieval_captions", "swap_colors", "vocabulary_corpus", "generate_world",
-    "default_world_dir", "ensure_world",
+    "generate_world_atomic", "default_world_dir", "ensure_world", "default_workers", "is_world",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,8 +65,8 @@ _NUMBER = ("zero", "one", "two", "three")
 _STREAMS = {"train": 0, "docs": 1, "zeroshot_shape": 2, "zeroshot_color": 3, "zeroshot_color_shape": 4,
             "retrieval": 5, "compositional": 6}
 # Balanced defaults: 996 = 166 x 6 shapes, 1000 = 125 x 8 colours, 960 = 20 x 48 colour-shapes.
-DEFAULT_EVAL_SIZES: dict[str, int] = {"zeroshot_shape": 996, "zeroshot_color": 1000, "zeroshot_color_shape": 960,
-                                      "retrieval": 1000, "compositional": 500}
+DEFAULT_EVAL_SIZES: dict[str, int] = {"zeroshot_shape": 996, "zeroshot_color": 1000,
+                                      "zeroshot_color_shape": 960, "retrieval": 1000, "compositional": 500}
 ZEROSHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
     # Shape and colour-shape class names are nouns ("star", "red star").
     "noun": ("a photo of a {}.", "a {}.", "a picture of a {}.", "a {} on a noisy background.",
@@ -79,6 +84,7 @@ _SPAM = ("click here for more", "best deals today", "free shipping on all orders
 _FILENAMES = ("img_{n}.jpg", "DSC{n}.JPG", "IMG_{n}.png", "photo_{n}.jpeg")
 _FILLERS = ("I took these pictures last weekend.", "Here is another one.", "More photos below.",
             "What do you think?", "Thanks for reading!", "This one is my favourite.")
+# fmt: on
 
 Obj = dict[str, str]
 
@@ -87,8 +93,9 @@ Obj = dict[str, str]
 # objects and captions
 
 
-def sample_objects(rng: np.random.Generator, n: int, *, distinct_colors: bool = False,
-                   distinct_shapes: bool = False) -> list[Obj]:
+def sample_objects(
+    rng: np.random.Generator, n: int, *, distinct_colors: bool = False, distinct_shapes: bool = False
+) -> list[Obj]:
     """Draw ``n`` objects on distinct grid cells with distinct (colour, shape) pairs.
 
     Distinct pairs keep references such as "the red circle" unambiguous in relation sentences.
@@ -106,8 +113,12 @@ def sample_objects(rng: np.random.Generator, n: int, *, distinct_colors: bool = 
             s = int(rng.integers(len(SHAPES)))
         seen.add((c, s))
         cell = int(cells[i])
-        objects.append({"shape": SHAPES[s], "color": COLORS[c], "size": SIZES[int(sizes[i])],
-                        "row": ROWS[cell // 3], "col": COLS[cell % 3]})
+        objects.append(
+            {
+                "shape": SHAPES[s], "color": COLORS[c], "size": SIZES[int(sizes[i])], "row": ROWS[cell // 3],
+                "col": COLS[cell % 3],
+            }
+        )
     return objects
 
 
@@ -141,7 +152,7 @@ def main_object(objects: list[Obj]) -> Obj:
 
 
 def clean_caption(objects: list[Obj]) -> str:
-    """"a large red circle at the top left and a small blue star in the center." """
+    """ "a large red circle at the top left and a small blue star in the center." """
     return _join([f"a {_describe(o)} {location(o)}" for o in objects]) + "."
 
 
@@ -155,9 +166,17 @@ def long_sentences(objects: list[Obj]) -> list[str]:
             a, b = objects[i], objects[j]
             dr = ROWS.index(a["row"]) - ROWS.index(b["row"])
             dc = COLS.index(a["col"]) - COLS.index(b["col"])
-            rel = [r for r in ("above" if dr < 0 else "below" if dr > 0 else "",
-                               "left of" if dc < 0 else "right of" if dc > 0 else "") if r]
-            out.append(f"The {_describe(a, size=False)} is {' and '.join(rel)} the {_describe(b, size=False)}.")
+            rel = [
+                r
+                for r in (
+                    "above" if dr < 0 else "below" if dr > 0 else "",
+                    "left of" if dc < 0 else "right of" if dc > 0 else "",
+                )
+                if r
+            ]
+            out.append(
+                f"The {_describe(a, size=False)} is {' and '.join(rel)} the {_describe(b, size=False)}."
+            )
     return out
 
 
@@ -193,13 +212,12 @@ def raw_caption(rng: np.random.Generator, objects: list[Obj], noise: float = 0.0
 
 
 def retrieval_captions(objects: list[Obj]) -> list[str]:
-    """Five distinct captions: clean, reordered, "a photo of", count-based (all objects) and main-object ones."""
+    """Five distinct captions: clean, reordered, "a photo of", count-based (all objects), main-object ones."""
     m = main_object(objects)
     n = len(objects)
     noun = "shape" if n == 1 else "shapes"
     candidates = [
-        clean_caption(objects),
-        clean_caption(objects[::-1]) if n > 1 else "",
+        clean_caption(objects), clean_caption(objects[::-1]) if n > 1 else "",
         "a photo of " + clean_caption(objects),
         f"{_NUMBER[n]} {noun} on a noisy background: " + _join([f"a {_describe(o)}" for o in objects]) + ".",
         f"{_describe(m, size=False)} {location(m)}",
@@ -231,14 +249,20 @@ def vocabulary_corpus() -> list[str]:
         for color in COLORS:
             for size in SIZES:
                 for cell in range(9):
-                    o = {"shape": shape, "color": color, "size": size, "row": ROWS[cell // 3], "col": COLS[cell % 3]}
+                    o = {
+                        "shape": shape, "color": color, "size": size, "row": ROWS[cell // 3],
+                        "col": COLS[cell % 3],
+                    }
                     texts += [t.format(c=color, s=shape, z=size, loc=location(o)) for t in _RAW_TEMPLATES[:2]]
                     texts.append(clean_caption([o]))
     texts += _RAW_TEMPLATES + tuple(t for ts in ZEROSHOT_TEMPLATES.values() for t in ts)
     a = {"shape": "circle", "color": "red", "size": "large", "row": "top", "col": "left"}
     b = {"shape": "star", "color": "blue", "size": "small", "row": "bottom", "col": "right"}
-    texts += long_sentences([a, b, dict(a, row="bottom", col="center")]) + long_sentences([a])
-    texts += retrieval_captions([a]) + retrieval_captions([a, b])
+    c = dict(a, row="bottom", col="center", shape="cross")
+    texts += long_sentences([a, b, c]) + long_sentences([a])
+    for cell in (0, 1, 2, 3, 5, 6, 7, 8):  # every relation wording, around an object in the center
+        texts += long_sentences([dict(b, row=ROWS[cell // 3], col=COLS[cell % 3]), dict(c, row="middle")])
+    texts += retrieval_captions([a]) + retrieval_captions([a, b, c])
     return texts
 
 
@@ -252,8 +276,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
     elif shape == "cross":
         w = 0.36  # arm half-width relative to r
-        pts = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w),
-               (-w, w), (-w, 1)]
+        pts = [
+            (w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w),
+            (-w, 1),
+        ]
         radii = [r * math.hypot(x, y) for x, y in pts]
         angles = [math.atan2(y, x) for x, y in pts]
     else:
@@ -275,7 +301,7 @@ def _pixel_noise(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.nd
     if n * 4 > _NOISE_BANK.size:  # huge images: draw directly
         return rng.standard_normal(shape, dtype=np.float32)
     start = int(rng.integers(0, _NOISE_BANK.size - n))
-    return _NOISE_BANK[start:start + n].reshape(shape)
+    return _NOISE_BANK[start : start + n].reshape(shape)
 
 
 def _clip8(v: float) -> int:
@@ -345,8 +371,10 @@ def make_train_sample(seed: int, index: int, *, noise: float = 0.0, image_size: 
     objects = sample_objects(rng, int(rng.integers(1, 4)))
     jpg = _jpeg(render_sample(rng, objects, image_size))
     raw, noisy = raw_caption(rng, objects, noise)
-    meta = {"raw": raw, "raw_is_noisy": noisy, "clean": clean_caption(objects), "long": long_caption(objects),
-            "objects": objects}
+    meta = {
+        "raw": raw, "raw_is_noisy": noisy, "clean": clean_caption(objects), "long": long_caption(objects),
+        "objects": objects,
+    }
     return {"__key__": f"{index:08d}", "jpg": jpg, "txt": raw, "json": json.dumps(meta)}
 
 
@@ -368,8 +396,12 @@ def make_document(seed: int, index: int, *, image_size: int = 64) -> dict[str, A
         others = [i for i in range(len(sentences)) if i not in chosen]
         extra = int(rng.integers(0, min(2, len(others)) + 1))
         chosen.update(int(i) for i in rng.choice(others, size=extra, replace=False))
-        info.append({"image_name": f"img{k}.jpg", "matched_text_index": len(text), "matched_sim": 1.0,
-                     "objects": objects})
+        info.append(
+            {
+                "image_name": f"img{k}.jpg", "matched_text_index": len(text), "matched_sim": 1.0,
+                "objects": objects,
+            }
+        )
         text += [sentences[i] for i in sorted(chosen)]
     if rng.random() < 0.25:
         text.append(_FILLERS[int(rng.integers(len(_FILLERS)))])
@@ -385,10 +417,14 @@ def zeroshot_classes(name: str) -> tuple[list[str], tuple[str, ...]]:
         return list(COLORS), ZEROSHOT_TEMPLATES["color"]
     if name == "zeroshot_color_shape":
         return [f"{c} {s}" for c in COLORS for s in SHAPES], ZEROSHOT_TEMPLATES["noun"]
-    raise ValueError(f"unknown zero-shot set {name!r}; known: zeroshot_shape, zeroshot_color, zeroshot_color_shape")
+    raise ValueError(
+        f"unknown zero-shot set {name!r}; known: zeroshot_shape, zeroshot_color, zeroshot_color_shape"
+    )
 
 
-def make_eval_sample(name: str, seed: int, index: int, label: int = 0, *, image_size: int = 64) -> dict[str, Any]:
+def make_eval_sample(
+    name: str, seed: int, index: int, label: int = 0, *, image_size: int = 64
+) -> dict[str, Any]:
     """One sample of evaluation set ``name``; ``label`` is the class index for zero-shot sets."""
     rng = _rng(seed, name, index)
     key = f"{index:08d}"
@@ -407,8 +443,10 @@ def make_eval_sample(name: str, seed: int, index: int, label: int = 0, *, image_
         meta: dict[str, Any] = {"captions": retrieval_captions(objects), "objects": objects}
     elif name == "compositional":
         objects = sample_objects(rng, 2, distinct_colors=True, distinct_shapes=True)
-        meta = {"positive": clean_caption(objects), "negative": clean_caption(swap_colors(objects)),
-                "objects": objects}
+        meta = {
+            "positive": clean_caption(objects), "negative": clean_caption(swap_colors(objects)),
+            "objects": objects,
+        }
     else:
         raise ValueError(f"unknown evaluation set {name!r}; known: {', '.join(DEFAULT_EVAL_SIZES)}")
     return {"__key__": key, "jpg": _jpeg(render_sample(rng, objects, image_size)), "json": json.dumps(meta)}
@@ -418,74 +456,139 @@ def make_eval_sample(name: str, seed: int, index: int, label: int = 0, *, image_
 # the world on disk
 
 
+_CHUNK = 250  # samples per unit of work handed to a worker process
+
+
+def _make_chunk(job: tuple[str, int, int, int, float, int, list[int]]) -> tuple[str, list[dict[str, Any]]]:
+    """Samples ``start..stop`` of one split (run in worker processes; module-level for pickling)."""
+    split, seed, start, stop, noise, image_size, labels = job
+    if split == "train":
+        out = [make_train_sample(seed, i, noise=noise, image_size=image_size) for i in range(start, stop)]
+    elif split == "docs":
+        out = [make_document(seed, i, image_size=image_size) for i in range(start, stop)]
+    else:
+        out = [
+            make_eval_sample(split, seed, i, labels[i - start], image_size=image_size)
+            for i in range(start, stop)
+        ]
+    return split, out
+
+
 def _write_split(samples: Iterator[dict[str, Any]], folder: Path, shard_size: int, bar: tqdm) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     with ShardWriter(str(folder / "%05d.tar"), max_count=shard_size) as writer:
         for sample in samples:
             writer.write(sample)
             name = os.path.basename(writer.shards[-1])
             counts[name] = counts.get(name, 0) + 1
-            bar.update(len([k for k in sample if k.endswith("jpg")]))
+            bar.update(sum(1 for k in sample if k.endswith("jpg")))
     # open_clip-style per-folder sizes (shard file name -> samples), for loaders that want epoch lengths.
     (folder / "sizes.json").write_text(json.dumps(counts, indent=1))
     return writer.total
 
 
-def generate_world(root: str | Path, *, seed: int = 0, train_samples: int = 20000, docs: int = 2000,
-                   noise: float = 0.0, image_size: int = 64, shard_size: int = 1000,
-                   eval_sizes: dict[str, int] | None = None, progress: bool = True) -> Path:
+def _bounded_imap(pool: Any, jobs: list[Any], ahead: int) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Ordered ``pool.imap(_make_chunk, jobs)`` with at most ``ahead`` chunks in flight (bounded memory)."""
+    pending: collections.deque[Any] = collections.deque()
+    for job in jobs:
+        pending.append(pool.apply_async(_make_chunk, (job,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def default_workers() -> int:
+    """Worker processes for generation: the usable CPU cores, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def generate_world(
+    root: str | Path, *, seed: int = 0, train_samples: int = 20000, docs: int = 2000, noise: float = 0.0,
+    image_size: int = 64, shard_size: int = 1000, eval_sizes: dict[str, int] | None = None,
+    progress: bool = True, workers: int = 1,
+) -> Path:
     """Write the shapes world into ``root`` (created; existing files are overwritten) and return it.
 
     Layout: ``train/`` and ``docs/`` shards, ``eval/<set>/`` shards (plus ``classes.json`` for zero-shot
     sets), ``tokenizer.json``, ``sizes.json`` (samples per split) and ``world.json`` (parameters; written
-    last, so its presence marks a complete world). A size of 0 leaves a split out.
+    last, so its presence marks a complete world). An evaluation size of 0 leaves that set out. The output
+    is identical for any ``workers`` (every sample has its own seed; chunks are written in order).
     """
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"shapes world noise must be in [0, 1], got {noise}")
     if image_size < 16 or shard_size < 1 or train_samples < 0 or docs < 0:
-        raise ValueError(f"shapes world: bad sizes (image_size={image_size} >= 16, shard_size={shard_size} >= 1, "
-                         f"train_samples={train_samples} >= 0, docs={docs} >= 0)")
+        raise ValueError(
+            f"shapes world: bad sizes (image_size={image_size} >= 16, shard_size={shard_size} >= 1, "
+            f"train_samples={train_samples} >= 0, docs={docs} >= 0)"
+        )
     unknown = set(eval_sizes or {}) - set(DEFAULT_EVAL_SIZES)
     if unknown:
-        raise ValueError(f"eval_sizes: unknown set(s) {sorted(unknown)}; known: {', '.join(DEFAULT_EVAL_SIZES)}")
-    evals = {**DEFAULT_EVAL_SIZES, **(eval_sizes or {})}
+        raise ValueError(
+            f"eval_sizes: unknown set(s) {sorted(unknown)}; known: {', '.join(DEFAULT_EVAL_SIZES)}"
+        )
+    evals = {k: v for k, v in {**DEFAULT_EVAL_SIZES, **(eval_sizes or {})}.items() if v > 0}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     log.info("generating the shapes world into %s", root)
-    total = train_samples + 3 * docs + sum(evals.values())  # docs hold 3 images on average (bar estimate)
-    sizes: dict[str, int] = {}
-    with tqdm(total=total, desc="shapes world", unit="img", disable=not progress, leave=False) as bar:
-        sizes["train"] = _write_split(
-            (make_train_sample(seed, i, noise=noise, image_size=image_size) for i in range(train_samples)),
-            root / "train", shard_size, bar)
-        sizes["docs"] = _write_split((make_document(seed, i, image_size=image_size) for i in range(docs)),
-                                     root / "docs", shard_size, bar)
-        for name, n in evals.items():
-            if n <= 0:
-                continue
-            folder = root / "eval" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            labels = [0] * n
-            if name.startswith("zeroshot_"):
-                classnames, templates = zeroshot_classes(name)
-                # Balanced classes (counts differ by at most one), in a seeded random order.
-                labels = np.random.default_rng([seed, _STREAMS[name]]).permutation(np.arange(n) % len(classnames))
-                (folder / "classes.json").write_text(
-                    json.dumps({"classnames": classnames, "templates": list(templates)}, indent=1))
-            sizes[name] = _write_split(
-                (make_eval_sample(name, seed, i, int(labels[i]), image_size=image_size) for i in range(n)),
-                folder, shard_size, bar)
+    folders = {"train": root / "train", "docs": root / "docs", **{k: root / "eval" / k for k in evals}}
+    counts = {"train": train_samples, "docs": docs, **evals}
+    jobs = []
+    for split, n in counts.items():
+        labels = [0] * n
+        if split.startswith("zeroshot_"):
+            classnames, templates = zeroshot_classes(split)
+            # Balanced classes (counts differ by at most one), in a seeded random order.
+            labels = (
+                np.random.default_rng([seed, _STREAMS[split]])
+                .permutation(np.arange(n) % len(classnames))
+                .tolist()
+            )
+            folders[split].mkdir(parents=True, exist_ok=True)
+            (folders[split] / "classes.json").write_text(
+                json.dumps({"classnames": classnames, "templates": list(templates)}, indent=1)
+            )
+        jobs += [
+            (split, seed, a, min(a + _CHUNK, n), noise, image_size, labels[a : a + _CHUNK])
+            for a in range(0, n, _CHUNK)
+        ]
+    sizes = dict.fromkeys(counts, 0)
+    total = train_samples + 3 * docs + sum(evals.values())  # a document holds 3 images on average
+    # fork: children only run numpy/PIL code, and start instantly (spawn would re-import the caller).
+    use_pool = workers > 1 and len(jobs) > 1 and "fork" in mp.get_all_start_methods()
+    pool = mp.get_context("fork").Pool(workers) if use_pool else None
+    try:
+        results = _bounded_imap(pool, jobs, 2 * workers) if pool is not None else map(_make_chunk, jobs)
+        with tqdm(total=total, desc="shapes world", unit="img", disable=not progress, leave=False) as bar:
+            for split, group in itertools.groupby(results, key=lambda r: r[0]):
+                sizes[split] = _write_split(
+                    (s for _, chunk in group for s in chunk), folders[split], shard_size, bar
+                )
+    finally:
+        if pool is not None:
+            pool.terminate()
+    from vlp_core.data.tokenizer import train_word_tokenizer  # lazy: keeps torch out of worker imports
+
     train_word_tokenizer(vocabulary_corpus(), root / "tokenizer.json")
     (root / "sizes.json").write_text(json.dumps(sizes, indent=1))
-    params = {"generator": "vlp_core.data.synthetic", "version": WORLD_VERSION, "seed": seed,
-              "train_samples": train_samples, "docs": docs, "noise": noise, "image_size": image_size,
-              "shard_size": shard_size, "eval_sizes": evals, "shapes": list(SHAPES), "colors": list(COLORS),
-              "sizes": SIZE_FRACTION, "color_shape_class": "color_idx * 6 + shape_idx"}
+    params = {
+        "generator": "vlp_core.data.synthetic", "version": WORLD_VERSION, "seed": seed,
+        "train_samples": train_samples, "docs": docs, "noise": noise, "image_size": image_size,
+        "shard_size": shard_size, "eval_sizes": evals, "shapes": list(SHAPES), "colors": list(COLORS),
+        "sizes": SIZE_FRACTION, "color_shape_class": "color_idx * 6 + shape_idx",
+    }
     (root / "world.json").write_text(json.dumps(params, indent=1))
     return root
 
 
-def default_world_dir(seed: int = 0, noise: float = 0.0, train_samples: int = 20000, image_size: int = 64) -> Path:
+def default_world_dir(
+    seed: int = 0, noise: float = 0.0, train_samples: int = 20000, image_size: int = 64
+) -> Path:
     """``$VLP_CACHE`` (else ``~/.cache/vlp``) / ``shapes-v<version>-s<seed>-n<noise>-t<train>-i<size>``."""
     cache = Path(os.environ.get("VLP_CACHE") or Path.home() / ".cache" / "vlp")
     return cache / f"shapes-v{WORLD_VERSION}-s{seed}-n{noise:g}-t{train_samples}-i{image_size}"
@@ -509,7 +612,9 @@ def generate_world_atomic(root: str | Path, *, replace: bool = False, **kwargs: 
         if is_world(root) and not replace:
             return root
         if root.exists() and not is_world(root) and any(root.iterdir()):
-            raise ValueError(f"{root} exists and is not a shapes world (no world.json); choose another folder")
+            raise ValueError(
+                f"{root} exists and is not a shapes world (no world.json); choose another folder"
+            )
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -527,15 +632,22 @@ def generate_world_atomic(root: str | Path, *, replace: bool = False, **kwargs: 
 
 
 def ensure_world(cfg: DataConfig) -> Path:
-    """Return the shapes world of ``cfg`` (``world_dir`` or the default cache folder), generating it if absent."""
-    root = Path(cfg.world_dir) if cfg.world_dir else default_world_dir(
-        cfg.world_seed, cfg.world_noise, cfg.world_train_samples)
+    """The shapes world of ``cfg`` (``world_dir`` or the default cache folder), generated if absent."""
+    root = (
+        Path(cfg.world_dir)
+        if cfg.world_dir
+        else default_world_dir(cfg.world_seed, cfg.world_noise, cfg.world_train_samples)
+    )
     if not is_world(root):
-        generate_world_atomic(root, seed=cfg.world_seed, train_samples=cfg.world_train_samples,
-                              noise=cfg.world_noise)
+        generate_world_atomic(
+            root, seed=cfg.world_seed, train_samples=cfg.world_train_samples, noise=cfg.world_noise,
+            workers=default_workers(),
+        )
     params = json.loads((root / "world.json").read_text())
     wanted = {"seed": cfg.world_seed, "noise": cfg.world_noise, "train_samples": cfg.world_train_samples}
     differ = {k: (params.get(k), v) for k, v in wanted.items() if params.get(k) != v}
     if differ:
-        log.warning("shapes world %s was generated with other parameters (found, configured): %s", root, differ)
+        log.warning(
+            "shapes world %s was generated with other parameters (found, configured): %s", root, differ
+        )
     return root

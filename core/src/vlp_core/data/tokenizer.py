@@ -1,4 +1,4 @@
-"""Text tokenization: one wrapper over ``tokenizers`` files and ``transformers`` tokenizers, and word-level training.
+"""Tokenization: one wrapper over ``tokenizers`` files and ``transformers`` tokenizers; word-level training.
 
 Every batch comes out as ``[B, context_length]`` int64 rows ``[BOS] ids... [EOT] pad pad ...``; a long text is
 truncated so that EOT is always the last real token (EOT pooling needs it). Note that ``eot_id`` is not
@@ -44,12 +44,16 @@ class Tokenizer:
         eot_id: Id closing every row's real tokens.
     """
 
-    def __init__(self, *, context_length: int, vocab_size: int, pad_id: int, bos_id: int | None, eot_id: int,
-                 backend: tokenizers.Tokenizer | None = None, hf: Any = None, name: str = "") -> None:
+    def __init__(
+        self, *, context_length: int, vocab_size: int, pad_id: int, bos_id: int | None, eot_id: int,
+        backend: tokenizers.Tokenizer | None = None, hf: Any = None, name: str = "",
+    ) -> None:
         minimum = 2 if bos_id is not None else 1
         if context_length < minimum:
-            raise ValueError(f"tokenizer {name!r}: context_length {context_length} must be >= {minimum} "
-                             "(room for the special tokens)")
+            raise ValueError(
+                f"tokenizer {name!r}: context_length {context_length} must be >= {minimum} "
+                "(room for the special tokens)"
+            )
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -83,11 +87,15 @@ class Tokenizer:
             ids = {n: backend.token_to_id(n) for n in (*_BOS_NAMES, *_EOT_NAMES, *_PAD_NAMES)}
             eot = next((ids[n] for n in _EOT_NAMES if ids[n] is not None), None)
             if eot is None:
-                raise ValueError(f"tokenizer file {file} has no end-of-text token (one of {', '.join(_EOT_NAMES)})")
+                raise ValueError(
+                    f"tokenizer file {file} has no end-of-text token (one of {', '.join(_EOT_NAMES)})"
+                )
             bos = next((ids[n] for n in _BOS_NAMES if ids[n] is not None), None)
             pad = next((ids[n] for n in _PAD_NAMES if ids[n] is not None), eot)
-            return cls(context_length=context_length, vocab_size=backend.get_vocab_size(with_added_tokens=True),
-                       pad_id=pad, bos_id=bos, eot_id=eot, backend=backend, name=str(name_or_path))
+            return cls(
+                context_length=context_length, vocab_size=backend.get_vocab_size(with_added_tokens=True),
+                pad_id=pad, bos_id=bos, eot_id=eot, backend=backend, name=str(name_or_path),
+            )
         looks_local = path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.suffix == ".json"
         if looks_local and not path.exists():
             raise ValueError(f"tokenizer path {name_or_path} does not exist")
@@ -96,16 +104,22 @@ class Tokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(str(name_or_path))
         except (OSError, ValueError) as e:
-            raise ValueError(f"tokenizer {name_or_path!r} could not be loaded (not a local tokenizer.json or "
-                             f"folder, nor a transformers tokenizer): {e}") from None
+            raise ValueError(
+                f"tokenizer {name_or_path!r} could not be loaded (not a local tokenizer.json or "
+                f"folder, nor a transformers tokenizer): {e}"
+            ) from None
         bos = hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id
         eot = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
         if eot is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has neither an eos nor a sep token to end texts with")
+            raise ValueError(
+                f"tokenizer {name_or_path!r} has neither an eos nor a sep token to end texts with"
+            )
         pad = hf.pad_token_id if hf.pad_token_id is not None else eot
         backend = hf.backend_tokenizer if getattr(hf, "is_fast", False) else None
-        return cls(context_length=context_length, vocab_size=len(hf), pad_id=pad, bos_id=bos, eot_id=eot,
-                   backend=backend, hf=hf, name=str(name_or_path))
+        return cls(
+            context_length=context_length, vocab_size=len(hf), pad_id=pad, bos_id=bos, eot_id=eot,
+            backend=backend, hf=hf, name=str(name_or_path),
+        )
 
     def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if self._backend is not None:
@@ -143,8 +157,10 @@ class Tokenizer:
         return _SPACE_BEFORE_PUNCT.sub(r"\1", text) if self._word_level else text
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, context_length={self.context_length}, "
-                f"bos={self.bos_id}, eot={self.eot_id}, pad={self.pad_id})")
+        return (
+            f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, context_length={self.context_length}, "
+            f"bos={self.bos_id}, eot={self.eot_id}, pad={self.pad_id})"
+        )
 
 
 def train_word_tokenizer(texts: Iterable[str], path: str | Path, *, min_frequency: int = 1) -> Path:
@@ -156,9 +172,14 @@ def train_word_tokenizer(texts: Iterable[str], path: str | Path, *, min_frequenc
     tok = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
-    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=min_frequency,
-                                        show_progress=False)
+        [
+            pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    trainer = trainers.WordLevelTrainer(
+        special_tokens=list(SPECIAL_TOKENS), min_frequency=min_frequency, show_progress=False
+    )
     # Digits always in the vocabulary, whatever the training text holds.
     digits = ["0 1 2 3 4 5 6 7 8 9"] * max(1, min_frequency)
     tok.train_from_iterator([*texts, *digits], trainer=trainer)

@@ -161,7 +161,9 @@ class _NeighbourExchangeBidir(torch.autograd.Function):
         ctx.left_rank, ctx.right_rank = left_rank, right_rank
         to_left, to_right = to_left.contiguous(), to_right.contiguous()
         from_left, from_right = torch.empty_like(to_right), torch.empty_like(to_left)
-        _p2p([(to_left, left_rank), (to_right, right_rank)], [(from_left, left_rank), (from_right, right_rank)])
+        _p2p(
+            [(to_left, left_rank), (to_right, right_rank)], [(from_left, left_rank), (from_right, right_rank)]
+        )
         return from_left, from_right
 
     @staticmethod
@@ -190,7 +192,12 @@ def neighbour_exchange_bidir_with_grad(
         ``(from_left, from_right)``: what the left rank sent right and what the right rank sent left.
     """
     if not is_initialized() or get_world_size() == 1:
-        return to_right, to_left  # with oneself on both sides, the message sent right comes back from the left
+        return (
+            to_right,
+            to_left,
+        )  # with oneself on both sides, the message sent right comes back from the left
     if left_rank == right_rank:
-        raise ValueError("neighbour_exchange_bidir_with_grad needs distinct left and right ranks (world >= 3)")
+        raise ValueError(
+            "neighbour_exchange_bidir_with_grad needs distinct left and right ranks (world >= 3)"
+        )
     return _NeighbourExchangeBidir.apply(to_left, to_right, left_rank, right_rank)

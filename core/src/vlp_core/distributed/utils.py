@@ -86,12 +86,16 @@ class DistInfo:
 
 
 def _first_slurm_host(nodelist: str) -> str | None:
-    """First hostname of a compressed SLURM nodelist (``node[01-04]``) via ``scontrol``; None if unavailable."""
+    """First host of a compressed SLURM nodelist (``node[01-04]``) via ``scontrol``; None if unavailable."""
     if shutil.which("scontrol") is None:
         return None
     try:
         out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -318,7 +322,9 @@ def setup_logging(level: str | int = "INFO", *, other_ranks_level: str | int = "
         other_ranks_level: Level for the other ranks (their records carry a ``[rank r]`` prefix).
     """
     lvl = logging.getLevelName(level) if isinstance(level, str) else level
-    other = logging.getLevelName(other_ranks_level) if isinstance(other_ranks_level, str) else other_ranks_level
+    other = (
+        logging.getLevelName(other_ranks_level) if isinstance(other_ranks_level, str) else other_ranks_level
+    )
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_vlp_rank_handler", False):

@@ -181,7 +181,11 @@ class ClipLoss(_ScaledContrastive):
     """
 
     def __init__(
-        self, *, init_temperature: float = 0.07, learn_temperature: bool = True, max_logit_scale: float = 100.0
+        self,
+        *,
+        init_temperature: float = 0.07,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
     ) -> None:
         if init_temperature <= 0:
             raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
@@ -223,7 +227,7 @@ class SigLipLoss(_ScaledContrastive):
         self.ring = ring
 
     def forward(self, img_BD: torch.Tensor, txt_BD: torch.Tensor) -> LossOutput:
-        """Loss for this rank's ``[B, D]`` features; parts ``loss_contrastive``, ``logit_scale``, ``logit_bias``."""
+        """Loss for this rank's ``[B, D]`` features; parts: loss_contrastive, logit_scale, logit_bias."""
         scale = self._clamped_scale()
         loss = siglip_loss(img_BD, txt_BD, scale, self.logit_bias, ring=self.ring)
         parts = {

@@ -18,6 +18,7 @@ Workers are responsible for choosing gloo / CPU, e.g. ``vlp_core.distributed.ini
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -51,12 +52,35 @@ def _tail(text: str | None, limit: int = 12_000) -> str:
     return text if len(text) <= limit else "...[truncated]...\n" + text[-limit:]
 
 
-def _kill_session(proc: subprocess.Popen[str]) -> None:
-    # The launcher was started as a session leader, so its pid is the process-group id of it and its workers.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_job(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the launcher and every process under it.
+
+    The launcher leads its own session, but torchrun starts each worker in a *new* session too, so killing
+    the launcher's process group alone would orphan the workers (and keep our pipes open). Collect the
+    tree first: once the launcher dies its children are re-parented and can no longer be found from it.
+    """
+    pids = _descendants(proc.pid)
+    for pid in [proc.pid, *pids]:
+        for kill in (os.killpg, os.kill):  # the worker's own group (its helpers), then the pid itself
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, signal.SIGKILL)
 
 
 def run_torchrun(
@@ -121,15 +145,18 @@ def run_torchrun(
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_session(proc)
-            out, err = proc.communicate()
+            _kill_job(proc)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:  # a stray process still holds the pipes: give up on output
+                out, err = "", "(output unavailable: pipes still held open after the kill)"
             raise TorchrunError(
                 f"torchrun job timed out after {timeout:.0f} s: {' '.join(cmd)}\n"
                 f"--- stdout ---\n{_tail(out)}\n--- stderr ---\n{_tail(err)}"
             ) from None
         finally:
             if proc.poll() is None:  # e.g. KeyboardInterrupt in communicate(): do not leave workers behind
-                _kill_session(proc)
+                _kill_job(proc)
         result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         combined = (out + err).lower()
         clash = result.returncode != 0 and any(m.lower() in combined for m in _PORT_IN_USE_MARKERS)

@@ -7,7 +7,7 @@ Rank 0 writes ``{check: max relative error over ranks}`` to ``--out``; the pytes
 Unexpected exceptions crash the worker (torchrun then stops the others and the test sees the output).
 
 Tensor-name legend:
-    B: per-rank batch, W: world size, N = W*B: global batch, D: embedding dim, I/T: tower input dims.
+    B: per-rank batch, W: world size, N = W*B: global batch, D: embedding dim, DI/DT: tower input dims.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from vlp_core.distributed import (
 )
 from vlp_core.losses import ClipLoss, SigLipLoss
 
-DT = torch.float64
-B, D, I, T = 3, 5, 7, 6  # per-rank batch 3 keeps the logits non-square for W > 1
+F64 = torch.float64
+B, D, DI, DT = 3, 5, 7, 6  # per-rank batch 3 keeps the logits non-square for W > 1
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,7 +47,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def seeded(seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 class Towers(nn.Module):
@@ -56,15 +56,17 @@ class Towers(nn.Module):
     def __init__(self, loss: nn.Module) -> None:
         super().__init__()
         torch.manual_seed(1234)  # identical init on every rank and in the reference
-        self.img = nn.Linear(I, D).to(DT)
-        self.txt = nn.Linear(T, D).to(DT)
-        self.loss = loss.to(DT)
+        self.img = nn.Linear(DI, D).to(F64)
+        self.txt = nn.Linear(DT, D).to(F64)
+        self.loss = loss.to(F64)
 
     def forward(self, x_img_BI: torch.Tensor, x_txt_BT: torch.Tensor) -> torch.Tensor:
         return self.loss(self.img(x_img_BI), self.txt(x_txt_BT)).loss
 
 
-def ref_clip(zi_ND: torch.Tensor, zt_ND: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def ref_clip(
+    zi_ND: torch.Tensor, zt_ND: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """Full N x N InfoNCE (both directions), float64."""
     zi_ND, zt_ND = zi_ND / zi_ND.norm(dim=1, keepdim=True), zt_ND / zt_ND.norm(dim=1, keepdim=True)
     logits_NN = scale.exp() * zi_ND @ zt_ND.T
@@ -72,10 +74,12 @@ def ref_clip(zi_ND: torch.Tensor, zt_ND: torch.Tensor, scale: torch.Tensor, bias
     return (F.cross_entropy(logits_NN, labels_N) + F.cross_entropy(logits_NN.T, labels_N)) / 2
 
 
-def ref_siglip(zi_ND: torch.Tensor, zt_ND: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def ref_siglip(
+    zi_ND: torch.Tensor, zt_ND: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """Full N x N sigmoid loss with +-1 labels, summed over pairs, divided by N, float64."""
     zi_ND, zt_ND = zi_ND / zi_ND.norm(dim=1, keepdim=True), zt_ND / zt_ND.norm(dim=1, keepdim=True)
-    labels_NN = 2 * torch.eye(len(zi_ND), dtype=DT) - 1
+    labels_NN = 2 * torch.eye(len(zi_ND), dtype=F64) - 1
     logits_NN = scale.exp() * zi_ND @ zt_ND.T + bias
     return -F.logsigmoid(labels_NN * logits_NN).sum() / len(zi_ND)
 
@@ -90,11 +94,14 @@ def check_loss(
 ) -> float:
     """Max relative error of (mean loss over ranks, every averaged gradient) vs the full-batch reference."""
     n = B * world
-    x_img_NI, x_txt_NT = seeded(11, n, I), seeded(12, n, T)
+    x_img_NI, x_txt_NT = seeded(11, n, DI), seeded(12, n, DT)
 
     # Reference: whole batch in one process, its own loss code, float64.
     ref_model = Towers(make_loss())
-    scale_p, bias_p = ref_model.loss.logit_scale, getattr(ref_model.loss, "logit_bias", torch.zeros((), dtype=DT))
+    scale_p, bias_p = (
+        ref_model.loss.logit_scale,
+        getattr(ref_model.loss, "logit_bias", torch.zeros((), dtype=F64)),
+    )
     ref_loss = ref(ref_model.img(x_img_NI), ref_model.txt(x_txt_NT), scale_p, bias_p)
     ref_loss.backward()
     ref_grads = {k: p.grad.clone() for k, p in ref_model.named_parameters()}
@@ -153,7 +160,7 @@ def check_bidir(rank: int, world: int) -> float:
 
 
 def check_size_mismatch(rank: int) -> float:
-    x_BD = torch.zeros(B + (rank == 1), D, dtype=DT, requires_grad=True)
+    x_BD = torch.zeros(B + (rank == 1), D, dtype=F64, requires_grad=True)
     try:
         all_gather_with_grad(x_BD)
     except ValueError as e:
