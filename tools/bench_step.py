@@ -69,6 +69,9 @@ def _worker(args) -> dict:
 
     torch.manual_seed(0)
     cfg = METHOD.preset(args.preset)
+    from vlp_core.config import apply_overrides
+
+    apply_overrides(cfg, args.set)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     vocab = args.vocab
     module, step = (_build_vlp if args.impl == "vlp" else _build_openclip)(cfg, vocab)
@@ -122,6 +125,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--impl", choices=["vlp", "openclip", "both"], default="both")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = p.parse_args()
     if args.impl != "both":
         import torch
@@ -140,7 +144,8 @@ def main() -> None:
         print("open_clip_torch is not installed: measuring vlp only", file=sys.stderr)
     for impl in impls:
         cmd = [sys.executable, __file__, "--impl", impl] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl",)]
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "set")]
+        cmd += [f"--set={kv}" for kv in args.set]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode:
             print(out.stderr, file=sys.stderr)

@@ -105,7 +105,9 @@ def train_main(method: MethodSpec, argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"{method.name}-train: error: {e}", file=sys.stderr)
         return 2
-    if results:
+    from vlp_core.distributed import is_main
+
+    if results and is_main():
         print(json.dumps(results, indent=1))
     return 0
 
@@ -129,9 +131,12 @@ def eval_main(method: MethodSpec, argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"{method.name}-eval: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(results, indent=1))
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=1))
+    from vlp_core.distributed import is_main
+
+    if is_main():
+        print(json.dumps(results, indent=1))
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=1))
     return 0
 
 

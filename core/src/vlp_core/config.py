@@ -50,12 +50,17 @@ class VisionConfig:
     # Learnable prefix tokens after the class token (Llip mixture tokens, registers).
     extra_tokens: int = 0
     pool: Literal["token", "avg", "none"] = "token"
+    # "patch": the usual linear patch embedding; "conv": a stack of stride-2 3x3 convolutions with the same
+    # total stride (early convolutions: much better sample efficiency on small data, Xiao et al. 2021).
+    stem: Literal["patch", "conv"] = "patch"
     pretrained: str = ""
     drop_path: float = 0.0
 
     def validate(self) -> None:
         if not self.timm_name and self.image_size % self.patch_size:
             raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch {self.patch_size}")
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ValueError(f"vision.stem='conv' needs a power-of-two patch_size, got {self.patch_size}")
         if not self.timm_name and self.width % self.heads:
             raise ValueError(f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
 

@@ -1,8 +1,8 @@
 import pytest
+import yaml
 
 from vlp_core.clip import METHOD, ClipConfig
 from vlp_core.config import RunConfig, apply_overrides, dump_yaml, from_dict, to_dict
-import yaml
 
 
 def test_override_coerces_by_type():

@@ -105,11 +105,9 @@ class _Consumer:
         if len(self.examples) < 5:
             self.examples.append(message)
 
-    def _shard_samples(self, url: str, keep: Any = None) -> Iterator[dict[str, Any]]:
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
         try:
-            for i, sample in enumerate(iter_samples(url)):
-                if keep is None or keep(i):
-                    yield sample
+            yield from iter_samples(url)
         except CorruptShard as e:
             self._note("corrupt_shard", str(e))
         except FileNotFoundError as e:
@@ -133,16 +131,13 @@ class _Consumer:
                         yield sample
             else:
                 # Fewer shards than consumers: every consumer reads every shard and keeps its share.
-                counter = [0]
-
-                def keep(_: int) -> bool:
-                    counter[0] += 1
-                    return (counter[0] - 1) % n == c
-
+                seen = 0
                 for j in order:
-                    for sample in self._shard_samples(urls[j], keep):
-                        got = True
-                        yield sample
+                    for sample in self._shard_samples(urls[j]):
+                        seen += 1
+                        if (seen - 1) % n == c:
+                            got = True
+                            yield sample
             if not got and epoch > 0:
                 raise RuntimeError(f"consumer {c} read no sample from source {index} in a whole epoch")
             epoch += 1

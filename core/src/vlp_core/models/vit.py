@@ -20,9 +20,10 @@ embedding depends on ``no_embed_class``:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import timm
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
@@ -130,6 +131,30 @@ def _load_local(tower: VisionTower, source: str) -> None:
     apply_state_dict(tower.trunk, state_dict, strict=True, source=source)
 
 
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` with its strided projection replaced by 3x3 stride-2 convolutions + GELU.
+
+    Channels double from ``embed_dim / 2**(n-1)`` (at least 16) up to ``embed_dim``; a final 1x1 convolution
+    projects to ``embed_dim``. No batch norm: per-rank statistics would break the equality of distributed and
+    single-process training.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        stride = self.patch_size[0]
+        n = stride.bit_length() - 1
+        in_chans, dim = self.proj.in_channels, self.proj.out_channels
+        layers: list[nn.Module] = []
+        chans = in_chans
+        for i in range(n):
+            out = max(32, dim // 2 ** (n - 1 - i))
+            # GroupNorm normalises each sample on its own: no cross-rank statistics, unlike BatchNorm.
+            layers += [nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, out), nn.GELU()]
+            chans = out
+        layers.append(nn.Conv2d(chans, dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     """Build the image tower described by ``cfg``.
 
@@ -196,6 +221,7 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
             class_token=cfg.class_token,
             reg_tokens=cfg.extra_tokens,
             no_embed_class=False,  # every prefix token gets its own learned position row
+            embed_layer=ConvStemPatchEmbed if cfg.stem == "conv" else PatchEmbed,
             **common,
         )
     tower = VisionTower(trunk, pool=cfg.pool)

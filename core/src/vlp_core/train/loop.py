@@ -22,7 +22,7 @@ from torch import nn
 from vlp_core.config import RunConfig, dump_yaml, to_dict
 from vlp_core.data.transforms import prepare_images
 from vlp_core.data.wds import BatchMeta, WdsPipeline, build_train_loader, parse_sources
-from vlp_core.distributed import DistInfo, all_gather_object, init_distributed, is_main, wrap_ddp
+from vlp_core.distributed import DistInfo, all_gather_object, barrier, init_distributed, is_main, wrap_ddp
 from vlp_core.logging.writer import RunWriter, caption_grid
 from vlp_core.method import LossOutput, MethodSpec
 from vlp_core.train.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -205,6 +205,7 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
             if full is not None:
                 ckpt.save(full, state.step)
         if kill_at and state.step == kill_at:  # test hook: die like a pre-empted job
+            barrier()  # rank 0 has finished writing the checkpoint before any rank dies
             os.kill(os.getpid(), signal.SIGKILL)
         if t.eval_every and state.step % t.eval_every == 0 and state.step != t.steps:
             evaluate(cfg, method, parts, step_module, writer, state.step, device)
