@@ -17,7 +17,7 @@ import torch
 from vlp_core.data.transforms import ImageDecodeError, build_transform, decode_image
 from vlp_core.method import SkipSample
 
-__all__ = ["ImageTextAdapter", "read_caption", "read_image", "parse_json", "IMAGE_KEYS"]
+__all__ = ["ImageTextAdapter", "read_caption", "read_image", "read_npy", "parse_json", "IMAGE_KEYS"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -90,3 +90,17 @@ class ImageTextAdapter:
         texts = [s["texts"] for s in samples]
         return {"images": torch.stack([s["images"] for s in samples]), "texts": texts,
                 "tokens": self.tokenizer(texts)}
+
+
+def read_npy(sample: dict[str, Any], key: str = "npy") -> torch.Tensor:
+    """A precomputed array member (``<key>.npy``, e.g. text embeddings) as a float tensor."""
+    import io
+
+    import numpy as np
+
+    if key not in sample:
+        raise SkipSample("missing_member", f"no '{key}' member")
+    try:
+        return torch.from_numpy(np.load(io.BytesIO(sample[key]), allow_pickle=False)).float()
+    except (ValueError, OSError) as e:
+        raise SkipSample("bad_array", f"{key}: {e}") from None
