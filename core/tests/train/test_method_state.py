@@ -8,7 +8,7 @@ from torch import nn
 
 from vlp_core.clip import METHOD as CLIP
 from vlp_core.clip import ContrastiveObjective
-from vlp_core.method import LossOutput, MethodSpec
+from vlp_core.method import LossOutput
 from vlp_core.train.checkpoint import CheckpointManager
 from vlp_core.train.loop import run
 
