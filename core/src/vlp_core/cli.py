@@ -80,6 +80,16 @@ def build_config(method: MethodSpec, args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def _cleanup(ok: bool) -> None:
+    import contextlib
+
+    from vlp_core.distributed import cleanup
+
+    # After an error a peer may never reach the barrier; a peer that already died must not cause a traceback.
+    with contextlib.suppress(Exception):
+        cleanup(wait=ok)
+
+
 def _setup_logging(verbose: bool) -> None:
     from vlp_core.distributed import setup_logging
 
@@ -104,7 +114,9 @@ def train_main(method: MethodSpec, argv: list[str] | None = None) -> int:
         results = run(cfg, method)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"{method.name}-train: error: {e}", file=sys.stderr)
+        _cleanup(False)
         return 2
+    _cleanup(True)
     from vlp_core.distributed import is_main
 
     if results and is_main():
@@ -130,7 +142,9 @@ def eval_main(method: MethodSpec, argv: list[str] | None = None) -> int:
         results = _evaluate_checkpoint(method, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"{method.name}-eval: error: {e}", file=sys.stderr)
+        _cleanup(False)
         return 2
+    _cleanup(True)
     from vlp_core.distributed import is_main
 
     if is_main():

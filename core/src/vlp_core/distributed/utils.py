@@ -232,9 +232,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
-    """Destroy the default process group if one exists."""
+def cleanup(*, wait: bool = True) -> None:
+    """Destroy the default process group if one exists (after a barrier unless ``wait`` is false)."""
     if is_initialized():
+        if wait and get_world_size() > 1:
+            dist.barrier()  # no rank tears its gloo threads down while a peer is still talking to it
         dist.destroy_process_group()
 
 

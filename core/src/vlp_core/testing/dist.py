@@ -30,6 +30,9 @@ from pathlib import Path
 __all__ = ["TorchrunError", "free_port", "run_torchrun"]
 
 _PORT_IN_USE_MARKERS = ("address already in use", "EADDRINUSE", "errno 98")
+# gloo's teardown can abort a worker under heavy CPU load (a joinable std::thread destroyed at exit); such a
+# launch failed in the library, not in the code under test, so it is relaunched like a port clash.
+_TEARDOWN_ABORT_MARKERS = ("terminate called without an active exception",)
 
 
 class TorchrunError(AssertionError):
@@ -159,7 +162,9 @@ def run_torchrun(
                 _kill_job(proc)
         result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         combined = (out + err).lower()
-        clash = result.returncode != 0 and any(m.lower() in combined for m in _PORT_IN_USE_MARKERS)
+        clash = result.returncode != 0 and any(
+            m.lower() in combined for m in _PORT_IN_USE_MARKERS + _TEARDOWN_ABORT_MARKERS
+        )
         if clash and attempt < retries_on_port_clash:
             continue
         if check and result.returncode != 0:
