@@ -155,6 +155,13 @@ def main() -> None:
         print(f"{r['impl']:9s} {r['device']:5s} {r['params_m']:7.2f}M params  "
               f"{r['samples_per_s']:9.1f} samples/s  peak {r['peak_mem_mb']:8.1f} MiB")
     if "openclip" in results:
+        from vlp_core.clip import METHOD
+        from vlp_core.config import apply_overrides
+
+        cfg = apply_overrides(METHOD.preset(args.preset), list(args.set))
+        if cfg.model.vision.stem != "patch" or cfg.model.vision.pool != "token":
+            print("note: OpenCLIP has no conv stem / avg pooling: add --set model.vision.stem=patch "
+                  "--set model.vision.pool=token for an identical model")
         ratio = results["vlp"]["samples_per_s"] / results["openclip"]["samples_per_s"]
         print(f"speed ratio vlp/openclip: {ratio:.2f}x  (preset {args.preset}, batch {args.batch})")
 

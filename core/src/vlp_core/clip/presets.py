@@ -11,14 +11,20 @@ __all__ = ["PRESETS", "demo", "siglip_demo", "smoke", "vit_b32", "siglip_b16"]
 
 
 def demo() -> RunConfig:
-    """Tiny dual encoder on the shapes world: under 5 minutes on 2 CPU cores, then zero-shot and retrieval."""
-    cfg = RunConfig(loss=ClipConfig(caption_keys="txt,json.clean"))
+    """Tiny dual encoder on the shapes world: under 5 minutes on 2 CPU cores, then zero-shot and retrieval.
+
+    A convolutional stem with average pooling learns shapes far faster than a linear patch embedding on
+    this little data (a supervised probe: 87% vs 31% shape accuracy after 240 steps); clean captions, which
+    name every object, give the best retrieval at this budget.
+    """
+    cfg = RunConfig(loss=ClipConfig(caption_keys="json.clean"))
     v, t = cfg.model.vision, cfg.model.text
     v.image_size, v.patch_size, v.width, v.depth, v.heads = 64, 8, 96, 3, 4
+    v.stem, v.pool = "conv", "avg"
     t.context_length, t.width, t.depth, t.heads = 32, 96, 2, 4
     cfg.model.embed_dim = 96
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = 2e-3, 0.1, 40
-    cfg.train.steps, cfg.train.batch_size = 300, 256
+    cfg.train.steps, cfg.train.batch_size = 300, 128
     cfg.train.save_every, cfg.train.log_every, cfg.train.image_grid_every = 100, 10, 100
     cfg.data.workers = 1
     return cfg
@@ -35,6 +41,7 @@ def smoke() -> RunConfig:
     cfg = demo()
     v, t = cfg.model.vision, cfg.model.text
     v.image_size, v.patch_size, v.width, v.depth, v.heads = 32, 8, 32, 1, 2
+    v.stem, v.pool = "patch", "token"
     t.context_length, t.width, t.depth, t.heads = 16, 32, 1, 2
     cfg.model.embed_dim = 32
     cfg.train.steps, cfg.train.batch_size, cfg.train.save_every, cfg.train.log_every = 4, 16, 2, 1
