@@ -72,22 +72,23 @@ def lint(session: nox.Session) -> None:
     session.run(sys.executable, "-m", "ruff", "check", ".", external=True)
 
 
-@nox.session
-def tests(session: nox.Session) -> None:
-    """Unit tests of every package (core and packages/*), single process."""
+def _pytest(session: nox.Session, marker: str) -> None:
     _link_torch(session)
     _install_packages(session)
     paths = [str(p / "tests") for p in PACKAGES if (p / "tests").is_dir()]
-    session.run("pytest", "-m", "not dist and not gpu", *paths, *session.posargs)
+    session.run("pytest", "-m", marker, *paths, *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit tests of every package (core and packages/*), single process."""
+    _pytest(session, "not dist and not gpu")
 
 
 @nox.session
 def distributed(session: nox.Session) -> None:
     """Tests that launch torchrun with 2 processes on gloo and compare with 1 process."""
-    _link_torch(session)
-    _install_packages(session)
-    paths = [str(p / "tests") for p in PACKAGES if (p / "tests").is_dir()]
-    session.run("pytest", "-m", "dist", *paths, *session.posargs)
+    _pytest(session, "dist")
 
 
 @nox.session
