@@ -134,3 +134,10 @@ def test_missing_shard_is_a_clear_error(tmp_path):
         write_shards(tmp_path, 1, 2)
         parse_sources(f"{tmp_path}/00000.tar", "1::2")
     assert os.path.exists(tmp_path / "00000.tar")
+
+
+def test_adapter_rejecting_everything_is_a_clear_error_not_a_hang(tmp_path):
+    shards = write_shards(tmp_path, n_shards=1, per_shard=10, bad_every=1)
+    p = make(shards, shuffle_buffer=0, max_consecutive_skips=25)
+    with pytest.raises(ValueError, match="25 samples in a row were skipped.*bad_image"):
+        take(p, 0, 1)

@@ -72,7 +72,7 @@ def test_bad_samples_are_skipped_and_counted(tiny_world, tmp_path):
     truncated.write_bytes(data[: len(data) // 3])  # cut inside a member
     pattern = f"{tmp_path}/shards/{{00000,10000}}.tar"
     r = clip_train(*smoke_args(tiny_world, tmp_path / "run", "--train-data", pattern, "--steps", "8",
-                               "--workers", "0"))
+                               "--workers", "0", "--set", "loss.caption_keys=txt"))
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]

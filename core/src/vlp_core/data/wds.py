@@ -168,7 +168,8 @@ class WdsPipeline(IterableDataset):
 
     def __init__(self, sources: list[Source], adapter: SampleAdapter, *, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, resampled: bool = False, shuffle_buffer: int = 1000,
-                 start: dict[int, int] | None = None, worker_offset: int = 0, seed_samples: bool = False):
+                 start: dict[int, int] | None = None, worker_offset: int = 0, seed_samples: bool = False,
+                 max_consecutive_skips: int = 1000):
         super().__init__()
         self.sources = sources
         self.adapter = adapter
@@ -181,6 +182,7 @@ class WdsPipeline(IterableDataset):
         self.start = dict(start or {})
         self.worker_offset = worker_offset
         self.seed_samples = seed_samples
+        self.max_consecutive_skips = max_consecutive_skips
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], BatchMeta]]:
         info = get_worker_info()
@@ -196,6 +198,7 @@ class WdsPipeline(IterableDataset):
         reported: Counter[str] = Counter(consumer.skipped)  # skips during replay were already counted
         consumer.examples.clear()
         samples: list[dict[str, Any]] = []
+        run_of_skips = 0
         while True:
             sample = next(raw)
             position += 1
@@ -203,8 +206,18 @@ class WdsPipeline(IterableDataset):
                 sample["__seed__"] = hash((self.seed, consumer.consumer, position)) & 0x7FFFFFFF
             try:
                 samples.append(self.adapter(sample))
+                run_of_skips = 0
             except SkipSample as e:
                 consumer._note(e.reason, f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
+                run_of_skips += 1
+                if run_of_skips >= self.max_consecutive_skips:
+                    # An adapter that rejects everything (wrong caption key, wrong image member) would
+                    # otherwise loop over the data forever without yielding a batch.
+                    raise ValueError(
+                        f"{run_of_skips} samples in a row were skipped (last: {sample.get('__url__')}:"
+                        f"{sample.get('__key__')}: {e}); skip counts {dict(consumer.skipped)}: "
+                        "does the data carry the members the method reads?"
+                    ) from None
             if len(samples) == self.batch_size:
                 delta = consumer.skipped - reported
                 reported = Counter(consumer.skipped)
