@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vlp_core.distributed import all_reduce_sum, get_rank, get_world_size
 from vlp_core.method import Scorer
 
 __all__ = [
@@ -119,16 +120,7 @@ def to_float(states: torch.Tensor) -> torch.Tensor:
 
 def dist_rank_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (identity in a single process); returns ``x``."""
-    if dist_rank_world()[1] > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+    return get_rank(), get_world_size()
 
 
 def _dtype_from_str(name: str) -> torch.dtype:
