@@ -19,7 +19,6 @@ contrastive loss. Images are decoded once into memory (about 250 MB for the defa
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -27,17 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 
 def _load_split(folder: Path, with_labels: bool):
     from vlp_core.data.tario import iter_samples
+    from vlp_core.data.transforms import decode_image
 
     images, metas, labels = [], [], []
     for url in sorted(map(str, folder.glob("*.tar"))):
         for s in iter_samples(url):
-            arr = np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+            arr = np.array(decode_image(s["jpg"]))
             images.append(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
             metas.append(json.loads(s["json"]))
             if with_labels:
