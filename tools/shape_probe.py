@@ -29,19 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _load_split(folder: Path, with_labels: bool):
+def _load_train(folder: Path) -> tuple[torch.Tensor, list[dict]]:
+    """Every training image (uint8 ``[N, 3, S, S]``) and its ``json`` metadata, in shard order."""
     from vlp_core.data.tario import iter_samples
     from vlp_core.data.transforms import decode_image
 
-    images, metas, labels = [], [], []
+    images, metas = [], []
     for url in sorted(map(str, folder.glob("*.tar"))):
         for s in iter_samples(url):
-            arr = np.array(decode_image(s["jpg"]))
-            images.append(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
+            images.append(torch.from_numpy(np.array(decode_image(s["jpg"]))).permute(2, 0, 1).contiguous())
             metas.append(json.loads(s["json"]))
-            if with_labels:
-                labels.append(int(s["cls"]))
-    return torch.stack(images), metas, torch.tensor(labels)
+    return torch.stack(images), metas
 
 
 def _cnn(width: int) -> nn.Module:
@@ -70,26 +68,27 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    if set(targets) - {"shape", "color"} or "shape" not in targets:
+        p.error(f"--targets must include 'shape' and may add 'color'; got {a.targets!r}")
 
     from vlp_core.clip import METHOD
     from vlp_core.data.synthetic import COLORS, SHAPES, ensure_world, main_object
     from vlp_core.data.transforms import prepare_images
+    from vlp_core.eval.datasets import load_zeroshot_shards
     from vlp_core.models.vit import build_vision_tower
 
     cfg = METHOD.preset(a.preset)
     world = Path(a.world) if a.world else ensure_world(cfg.data)
     t0 = time.perf_counter()
-    train_x, train_meta, _ = _load_split(world / "train", with_labels=False)
-    eval_x, _, eval_y = _load_split(world / "eval" / "zeroshot_color_shape", with_labels=True)
+    train_x, train_meta = _load_train(world / "train")
+    batches, _, _ = load_zeroshot_shards(world / "eval" / "zeroshot_color_shape", image_size=train_x.shape[-1])
+    eval_x, eval_y = (torch.cat(column) for column in zip(*batches))
     print(f"loaded {len(train_x)} training and {len(eval_x)} evaluation images in {time.perf_counter() - t0:.0f} s")
     mains = [main_object(m["objects"]) for m in train_meta]
     labels = {"shape": torch.tensor([SHAPES.index(o["shape"]) for o in mains]),
               "color": torch.tensor([COLORS.index(o["color"]) for o in mains])}
     eval_shape = eval_y % len(SHAPES)
-    targets = [t.strip() for t in a.targets.split(",") if t.strip()]
-    unknown = set(targets) - set(labels)
-    if unknown or "shape" not in targets:
-        p.error(f"--targets must include 'shape' and may add 'color'; got {a.targets!r}")
 
     if a.tower == "demo":
         tower = build_vision_tower(cfg.model.vision)
