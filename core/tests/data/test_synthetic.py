@@ -21,7 +21,7 @@ from vlp_core.data.tokenizer import Tokenizer
 
 SMALL_EVAL = {
     "zeroshot_shape": 12, "zeroshot_color": 16, "zeroshot_color_shape": 48, "retrieval": 10,
-    "compositional": 10,
+    "compositional": 10, "retrieval_long": 6,
 }
 ROW_OF = {"top": 0, "middle": 1, "bottom": 2}
 COL_OF = {"left": 0, "center": 1, "right": 2}
@@ -185,6 +185,10 @@ def test_retrieval_and_compositional(world: Path) -> None:
         assert caps[0] == S.clean_caption(objs)
         full = [c for c in caps if all(f"{o['color']} {o['shape']}" in c for o in objs)]
         assert len(full) >= 2
+    for s in _samples(world / "eval" / "retrieval_long"):
+        meta = json.loads(s["json"])
+        (cap,), objs = meta["captions"], meta["objects"]
+        assert cap == S.long_caption(objs) and len(S.long_sentences(objs)) >= len(objs) + 1
     for s in _samples(world / "eval" / "compositional"):
         meta = json.loads(s["json"])
         a, b = meta["objects"]

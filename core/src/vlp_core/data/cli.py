@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-size", type=int, default=None,
-        help="images per evaluation set (default: 996/1000/960 zero-shot, 1000 retrieval, 500 compositional)",
+        help="images per evaluation set (default: 996/1000/960 zero-shot, 1000 retrieval, 500 compositional, "
+        "1000 long-caption retrieval)",
     )
     p.add_argument("--force", action="store_true", help="regenerate even if the folder holds a world")
 

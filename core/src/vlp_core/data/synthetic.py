@@ -5,7 +5,8 @@ background. Each training image carries three captions of rising quality (a shor
 about its main object, optionally corrupted with probability ``noise``; a ``clean`` one naming every object;
 a multi-sentence ``long`` one with relations), so that caption-noise and caption-rewriting methods have
 something to fix. The world also holds MMC4-style interleaved documents and held-out evaluation sets
-(zero-shot classification, retrieval, attribute-swap compositionality).
+(zero-shot classification, retrieval with short and with long captions, attribute-swap
+compositionality).
 
 Determinism: every sample draws from its own generator seeded with ``(seed, stream, index)``, so a sample
 does not depend on the sizes of the other splits, and the evaluation streams never coincide with training.
@@ -49,7 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: adds the long-caption retrieval set
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hexagon")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
 # Saturated colours far from the grey backgrounds (whose channels stay within ~15..140 before noise).
@@ -63,10 +64,11 @@ ROWS: tuple[str, ...] = ("top", "middle", "bottom")
 COLS: tuple[str, ...] = ("left", "center", "right")
 _NUMBER = ("zero", "one", "two", "three")
 _STREAMS = {"train": 0, "docs": 1, "zeroshot_shape": 2, "zeroshot_color": 3, "zeroshot_color_shape": 4,
-            "retrieval": 5, "compositional": 6}
+            "retrieval": 5, "compositional": 6, "retrieval_long": 7}
 # Balanced defaults: 996 = 166 x 6 shapes, 1000 = 125 x 8 colours, 960 = 20 x 48 colour-shapes.
 DEFAULT_EVAL_SIZES: dict[str, int] = {"zeroshot_shape": 996, "zeroshot_color": 1000,
-                                      "zeroshot_color_shape": 960, "retrieval": 1000, "compositional": 500}
+                                      "zeroshot_color_shape": 960, "retrieval": 1000, "compositional": 500,
+                                      "retrieval_long": 1000}
 ZEROSHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
     # Shape and colour-shape class names are nouns ("star", "red star").
     "noun": ("a photo of a {}.", "a {}.", "a picture of a {}.", "a {} on a noisy background.",
@@ -441,6 +443,11 @@ def make_eval_sample(
     if name == "retrieval":
         objects = sample_objects(rng, int(rng.integers(1, 4)))
         meta: dict[str, Any] = {"captions": retrieval_captions(objects), "objects": objects}
+    elif name == "retrieval_long":
+        # One long caption per image (every object, its size and place, and the relations): the
+        # long-caption retrieval of DreamLIP and LLM2CLIP. Same reader as ``retrieval``.
+        objects = sample_objects(rng, int(rng.integers(1, 4)))
+        meta = {"captions": [long_caption(objects)], "objects": objects}
     elif name == "compositional":
         objects = sample_objects(rng, 2, distinct_colors=True, distinct_shapes=True)
         meta = {
