@@ -12,6 +12,10 @@ Contract of the parts:
 - ``build_adapter(cfg, tokenizer) -> SampleAdapter``: turns one raw webdataset sample (member bytes by
   extension) into tensors, or raises :class:`SkipSample`; ``collate`` stacks a list of them.
 - ``build_scorer(model) -> Scorer`` (optional): used by zero-shot and retrieval evaluation.
+- ``visualize(model, loss, batch) -> dict[str, ndarray]`` (optional): method-specific TensorBoard images
+  (e.g. DreamLIP's grouping maps), tag -> HWC uint8 array. The trainer calls it on rank 0 only, every
+  ``train.image_grid_every`` steps, under ``no_grad`` with the model in eval mode, on that step's batch
+  (already on the device). It sees the unwrapped model, so it must not run collectives.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class MethodSpec:
     build_loss: Callable[[RunConfig], nn.Module]
     build_adapter: Callable[[RunConfig, Any], SampleAdapter]
     build_scorer: Callable[[nn.Module], Scorer] | None = None
+    visualize: Callable[[nn.Module, nn.Module, dict[str, Any]], Mapping[str, Any]] | None = None
     default_preset: str = "demo"
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)

@@ -183,6 +183,9 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
             if is_main() and t.image_grid_every and state.step % t.image_grid_every == 0 and m == 0:
                 _log_grid(writer, state.step, batch)
             batch = _to_device(batch, device)
+            if (method.visualize is not None and is_main() and t.image_grid_every
+                    and state.step % t.image_grid_every == 0 and m == 0):
+                _log_method_images(writer, state.step, method, step_module, batch)
             sync = m == t.accum_steps - 1 or not hasattr(model_for_train, "no_sync")
             with (contextlib.nullcontext() if sync else model_for_train.no_sync()), autocast:
                 out = model_for_train(batch)
@@ -273,3 +276,18 @@ def _log_grid(writer: RunWriter, step: int, batch: dict[str, Any]) -> None:
     images, captions = batch.get("images"), batch.get("texts")
     if isinstance(images, torch.Tensor) and isinstance(captions, list):
         writer.image(step, "train/samples", caption_grid(images, captions))
+
+
+def _log_method_images(writer: RunWriter, step: int, method: MethodSpec, step_module: TrainStep,
+                       batch: dict[str, Any]) -> None:
+    """The method's own TensorBoard images (``MethodSpec.visualize``), in eval mode, without gradients."""
+    modes = [(mod, mod.training) for mod in step_module.modules()]
+    step_module.eval()
+    try:
+        with torch.no_grad():
+            images = method.visualize(step_module.model, step_module.loss, batch)  # type: ignore[misc]
+    finally:
+        for mod, was_training in modes:
+            mod.training = was_training
+    for tag, image_HWC in (images or {}).items():
+        writer.image(step, tag, image_HWC)
