@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from vlp_alip import AlipConfig, AlipLoss, gate_weights, weighted_clip_loss
 from vlp_alip_testutils import F64, ref_alip
 
-from vlp_alip import AlipConfig, AlipLoss, gate_weights, weighted_clip_loss
 from vlp_core.losses import clip_loss, normalize_features
 
 

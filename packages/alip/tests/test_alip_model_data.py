@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from vlp_alip import METHOD
+
 from vlp_core.data.tario import iter_samples
 from vlp_core.method import SkipSample
 from vlp_core.train.setup import load_tokenizer

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vlp_alip import AlipConfig, AlipLoss  # noqa: E402
 from vlp_alip_testutils import F64, ref_alip  # noqa: E402
 
-from vlp_alip import AlipConfig, AlipLoss  # noqa: E402
 from vlp_core.distributed import all_gather_object, all_reduce_sum, cleanup, init_distributed, wrap_ddp  # noqa: E402
 
 N, D, DI, DT = 6, 5, 7, 6  # global batch fixed: 1 process and 2 processes see the same rows
