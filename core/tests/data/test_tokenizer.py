@@ -100,3 +100,24 @@ def test_hf_tokenizer_eos_only(tmp_path: Path) -> None:
     assert tok.bos_id is None and tok.eot_id == 0 and tok.pad_id == 0  # no pad token: pad with EOT
     assert tok(["red star"]).tolist() == [[3, 5, 0, 0, 0]]
     assert tok.decode([3, 5, 0, 0, 0]) == "red star"
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_padding_stored_in_tokenizer_json_is_ignored(tmp_path: Path, with_config: bool) -> None:
+    """sentence-transformers ship tokenizer.json files with padding to 128 enabled: ids must stay the text's."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = _hf_backend(["[PAD]", "[CLS]", "[SEP]"])
+    backend.enable_padding(pad_id=0, pad_token="[PAD]", length=16)
+    backend.enable_truncation(max_length=3)
+    folder = tmp_path / "hf"
+    if with_config:
+        hf = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", cls_token="[CLS]",
+                                     sep_token="[SEP]", unk_token="[UNK]")
+        hf.save_pretrained(folder)
+    else:
+        folder.mkdir()
+        backend.save(str(folder / "tokenizer.json"))
+    tok = Tokenizer.from_pretrained(str(folder), context_length=8)
+    assert tok.encode("a red circle .") == [4, 5, 6, 8]
+    assert tok(["a red circle ."]).tolist() == [[1, 4, 5, 6, 8, 2, 0, 0]]

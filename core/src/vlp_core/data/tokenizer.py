@@ -84,6 +84,7 @@ class Tokenizer:
                 backend = tokenizers.Tokenizer.from_file(str(file))
             except Exception as e:  # the Rust side raises a bare Exception on bad JSON
                 raise ValueError(f"tokenizer file {file} could not be read: {e}") from None
+            _plain(backend)
             ids = {n: backend.token_to_id(n) for n in (*_BOS_NAMES, *_EOT_NAMES, *_PAD_NAMES)}
             eot = next((ids[n] for n in _EOT_NAMES if ids[n] is not None), None)
             if eot is None:
@@ -116,6 +117,8 @@ class Tokenizer:
             )
         pad = hf.pad_token_id if hf.pad_token_id is not None else eot
         backend = hf.backend_tokenizer if getattr(hf, "is_fast", False) else None
+        if backend is not None:
+            _plain(backend)
         return cls(
             context_length=context_length, vocab_size=len(hf), pad_id=pad, bos_id=bos, eot_id=eot,
             backend=backend, hf=hf, name=str(name_or_path),
@@ -161,6 +164,13 @@ class Tokenizer:
             f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, context_length={self.context_length}, "
             f"bos={self.bos_id}, eot={self.eot_id}, pad={self.pad_id})"
         )
+
+
+def _plain(backend: tokenizers.Tokenizer) -> None:
+    """Turn off padding and truncation stored in a tokenizer.json (sentence-transformers ship files padded
+    to 128): the ids must be the text's alone, since ``__call__`` adds EOT and pads itself."""
+    backend.no_padding()
+    backend.no_truncation()
 
 
 def train_word_tokenizer(texts: Iterable[str], path: str | Path, *, min_frequency: int = 1) -> Path:

@@ -17,20 +17,37 @@ _NO_DECAY = ("bias", "norm", "ln_", "pos_embed", "positional", "cls_token", "reg
              "logit_scale", "logit_bias", "embedding")
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weight matrices, and everything 1-D or named in ``_NO_DECAY`` without decay."""
+def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """Two groups: decayed weight matrices, and everything 1-D or named in ``_NO_DECAY`` without decay.
+
+    A parameter carrying a float attribute ``lr_scale`` != 1 (set by a model for layer-wise lr decay) goes
+    into an extra group per (decay, scale) whose ``lr`` is ``lr * lr_scale`` (``lr`` must then be given);
+    the schedule multiplies every group's initial lr alike. Without such parameters the two groups above
+    are returned unchanged.
+    """
     decay, no_decay = [], []
+    scaled: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or any(k in name.lower() for k in _NO_DECAY):
+        no_wd = p.ndim < 2 or any(k in name.lower() for k in _NO_DECAY)
+        scale = float(getattr(p, "lr_scale", 1.0))
+        if scale != 1.0:
+            scaled.setdefault((no_wd, scale), []).append(p)
+        elif no_wd:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if scaled and lr is None:
+        raise ValueError("parameters with an lr_scale need the base lr: param_groups(..., lr=...)")
+    for (no_wd, scale), params in scaled.items():
+        groups.append({"params": params, "weight_decay": 0.0 if no_wd else weight_decay,
+                       "lr": lr * scale, "lr_scale": scale})  # type: ignore[operator]
+    return groups
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, *, device: torch.device) -> torch.optim.AdamW:
@@ -39,7 +56,7 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, *, device: torch.device
     fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     if fused:
         kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), **kwargs)
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay, cfg.lr), **kwargs)
 
 
 def lr_at(step: int, *, total: int, cfg: OptimConfig) -> float:

@@ -1,0 +1,54 @@
+"""Stage 1 model: the bidirectional, mean-pooling text model with LoRA, embedding query/positive/negative rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlp_llm2clip.config import LORA_TARGETS, CaptionContrastiveConfig
+from vlp_llm2clip.encoder import LlmEncoder, load_encoder
+from vlp_llm2clip.model import resolve_text_model
+
+__all__ = ["CaptionEmbedder", "lora_targets"]
+
+
+def lora_targets(cfg: CaptionContrastiveConfig, model_type: str) -> list[str]:
+    if cfg.lora_targets:
+        return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    family = "bert" if model_type in ("bert", "roberta", "xlm-roberta", "distilbert") else "llama"
+    return LORA_TARGETS[family].split(",")
+
+
+class CaptionEmbedder(nn.Module):
+    """``forward(batch)`` -> ``{"q", "p"[, "n"]}`` [B, D] float32 embeddings, from one forward over 2-3B rows."""
+
+    def __init__(self, cfg: CaptionContrastiveConfig, *, from_config: bool = False) -> None:
+        super().__init__()
+        encoder = load_encoder(resolve_text_model(cfg.text_model), bidirectional=cfg.bidirectional,
+                               from_config=from_config)
+        encoder.settings.pool_bos = cfg.pool_bos
+        if cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            targets = lora_targets(cfg, encoder.model.config.model_type)
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              bias="none", target_modules=targets)
+            encoder.model = get_peft_model(encoder.model, lora)
+        self.encoder: LlmEncoder = encoder
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        names = [n for n in ("q", "p", "n") if f"{n}_tokens" in batch]
+        tokens = torch.cat([batch[f"{n}_tokens"] for n in names])
+        attention = torch.cat([batch[f"{n}_attention"] for n in names])
+        pool = torch.cat([batch[f"{n}_pool"] for n in names])
+        emb = self.encoder(tokens, attention, pool)
+        return dict(zip(names, emb.chunk(len(names))))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        model = self.encoder.model
+        if enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()

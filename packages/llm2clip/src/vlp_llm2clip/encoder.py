@@ -1,0 +1,209 @@
+"""The caption embedder: a transformers LLM (decoder made bidirectional, or an encoder) + masked mean pooling.
+
+Shape legend: B batch, L sequence length, D hidden size.
+
+Bidirectional attention: every attention module gets ``is_causal = False`` and the model receives a 4-D
+additive mask built from padding only (``[B, 1, L, L]``: 0 where the key is a real token, the dtype's
+minimum where it is padding). transformers passes a prepared 4-D mask through unchanged, and its SDPA path
+only turns on ``is_causal`` when no mask is given, so the attention really is bidirectional under SDPA and
+eager attention, with or without padding (the pitfall of setting ``is_causal=False`` alone; see the spec).
+
+Pooling: the mean of the final hidden states (after the final norm) over the *pool mask*, in float32. The pool
+mask marks the caption tokens and the closing end-of-text token; BOS and any instruction prefix are attended
+to but not pooled (LLM2Vec's ``embed_mask``). Padding may sit on either side; position ids count real tokens
+only, so left and right padding give the same embedding.
+
+Token layout produced here (the core tokenizer's, right padded): ``[BOS] [instruction ids] caption ids [EOT]
+pad ...``. The instruction and the caption are tokenized separately and concatenated, so the pool mask is
+exact by construction (no tail re-tokenization, no off-by-one at the boundary).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["EncoderSettings", "LlmEncoder", "padding_only_mask", "masks_from_tokens", "tokenize",
+           "load_encoder", "save_encoder", "SETTINGS_FILE"]
+
+SETTINGS_FILE = "llm2clip.json"
+
+
+@dataclass(kw_only=True)
+class EncoderSettings:
+    """How a saved text model embeds captions; stored beside its weights as ``llm2clip.json``."""
+
+    version: int = 1
+    pooling: str = "mean"
+    pool_bos: bool = False  # pool the BOS/CLS token too (sentence-transformers' MiniLM was trained so)
+    bidirectional: bool = True  # only meaningful for decoder LLMs; encoders are bidirectional anyway
+
+    @classmethod
+    def read(cls, folder: str | Path) -> EncoderSettings:
+        path = Path(folder) / SETTINGS_FILE
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        unknown = set(data) - set(asdict(cls()))
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        return cls(**data)
+
+
+def padding_only_mask(attention_BL: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, 1, L, L] additive mask: every query sees every real key, no query sees a padding key."""
+    keep_B11L = attention_BL.to(torch.bool)[:, None, None, :]
+    mask = torch.zeros(keep_B11L.shape, dtype=dtype, device=attention_BL.device)
+    mask = mask.masked_fill(~keep_B11L, torch.finfo(dtype).min)
+    length = attention_BL.shape[1]
+    return mask.expand(-1, 1, length, length)
+
+
+def masks_from_tokens(tokens_BL: Tensor, *, bos_id: int | None, eot_id: int, pool_bos: bool) -> tuple[Tensor, Tensor]:
+    """Attention and pool masks [B, L] for right-padded core-tokenizer rows ``[BOS] ids [EOT] pad...``.
+
+    Real tokens run up to the first EOT (pad may equal EOT). Without ``pool_bos`` position 0 (BOS) is not pooled.
+    """
+    is_eot_BL = tokens_BL == eot_id
+    if bos_id is not None:
+        is_eot_BL[:, 0] = False  # BOS may equal EOT (GPT-2 style)
+    last_B = is_eot_BL.int().argmax(dim=1)
+    pos_L = torch.arange(tokens_BL.shape[1], device=tokens_BL.device)
+    attention_BL = pos_L[None, :] <= last_B[:, None]
+    pool_BL = attention_BL.clone()
+    if bos_id is not None and not pool_bos:
+        pool_BL[:, 0] = False
+    return attention_BL, pool_BL
+
+
+def tokenize(tokenizer: Any, texts: list[str], instructions: list[str] | None = None,
+             *, pool_bos: bool = False) -> dict[str, Tensor]:
+    """Rows ``[BOS] instruction caption [EOT] pad`` with exact attention and pool masks.
+
+    Without instructions the ids equal ``tokenizer(texts)`` (the core tokenizer), so embeddings computed here
+    and those of the evaluation (which tokenizes captions with the core tokenizer) agree.
+    """
+    L = tokenizer.context_length
+    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    instructions = instructions or [""] * len(texts)
+    if len(instructions) != len(texts):
+        raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
+    ids = torch.full((len(texts), L), tokenizer.pad_id, dtype=torch.long)
+    attention = torch.zeros(len(texts), L, dtype=torch.bool)
+    pool = torch.zeros(len(texts), L, dtype=torch.bool)
+    for i, (instr, text) in enumerate(zip(instructions, texts)):
+        instr_ids = tokenizer.encode(instr) if instr else []
+        room = L - len(head) - len(instr_ids) - 1
+        if room < 1:
+            raise ValueError(f"instruction {instr!r} leaves no room for the caption in context length {L}")
+        text_ids = tokenizer.encode(text)[:room] + [tokenizer.eot_id]
+        row = head + instr_ids + text_ids
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = True
+        pool[i, len(row) - len(text_ids): len(row)] = True
+        if pool_bos and head:
+            pool[i, 0] = True
+    return {"tokens": ids, "attention": attention, "pool": pool}
+
+
+class LlmEncoder(nn.Module):
+    """A transformers base model (``AutoModel``) as a caption embedder: ``forward -> [B, D]`` float32.
+
+    Args:
+        model: The base model (``LlamaModel``, ``BertModel``, ...; a peft wrapper around one is fine).
+        bidirectional: Remove the causal mask of a decoder (no effect on encoders).
+        settings: Pooling settings (stored with a saved model).
+    """
+
+    def __init__(self, model: nn.Module, *, bidirectional: bool = True, settings: EncoderSettings | None = None):
+        super().__init__()
+        self.model = model
+        self.settings = settings or EncoderSettings(bidirectional=bidirectional)
+        self.settings.bidirectional = bidirectional
+        causal = [m for m in model.modules() if getattr(m, "is_causal", False)]
+        # A decoder: its attention modules declare themselves causal. Encoders (BERT) have none.
+        self.is_decoder = bool(causal)
+        if self.settings.pooling != "mean":
+            raise ValueError(f"pooling {self.settings.pooling!r} is not supported (only 'mean')")
+        if bidirectional:
+            for m in causal:
+                m.is_causal = False
+        config = getattr(model, "config", None)
+        self.width: int = int(config.hidden_size)
+
+    def forward(self, tokens_BL: Tensor, attention_BL: Tensor, pool_BL: Tensor | None = None) -> Tensor:
+        """Mean of the last hidden states over ``pool_BL`` (default: the attention mask), in float32."""
+        attention_BL = attention_BL.to(torch.bool)
+        pool_BL = attention_BL if pool_BL is None else pool_BL.to(torch.bool)
+        position_BL = (attention_BL.long().cumsum(dim=1) - 1).clamp(min=0)
+        if self.is_decoder and self.settings.bidirectional:
+            dtype = next(self.model.parameters()).dtype
+            mask: Tensor = padding_only_mask(attention_BL, dtype)
+        else:
+            mask = attention_BL.long()
+        out = self.model(input_ids=tokens_BL, attention_mask=mask, position_ids=position_BL)
+        hidden_BLD = out.last_hidden_state.float()
+        w_BL1 = pool_BL.unsqueeze(-1).float()
+        return (hidden_BLD * w_BL1).sum(dim=1) / w_BL1.sum(dim=1).clamp(min=1.0)
+
+    def forward_tokens(self, tokens_BL: Tensor, tokenizer: Any) -> Tensor:
+        """Embed right-padded core-tokenizer rows (the evaluation's and the extraction's path)."""
+        attention_BL, pool_BL = masks_from_tokens(tokens_BL, bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
+                                                  pool_bos=self.settings.pool_bos)
+        # Drop the all-padding tail columns (a host read; this path is for extraction and evaluation only).
+        length = max(int(attention_BL.sum(dim=1).max()), 1)
+        return self(tokens_BL[:, :length], attention_BL[:, :length], pool_BL[:, :length])
+
+
+def load_encoder(path: str | Path, *, bidirectional: bool | None = None, from_config: bool = False) -> LlmEncoder:
+    """Load a text model folder (transformers layout, optional ``llm2clip.json``) as an :class:`LlmEncoder`."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"text model folder {path} has no config.json (expected a transformers model folder)")
+    settings = EncoderSettings.read(folder)
+    if bidirectional is None:
+        bidirectional = settings.bidirectional
+    # Eager or SDPA attention both honour the 4-D mask; flash attention would ignore it, so it is not offered.
+    kwargs = {"attn_implementation": "sdpa"}
+    if from_config:
+        model = AutoModel.from_config(AutoConfig.from_pretrained(folder), **kwargs)
+    else:
+        model = AutoModel.from_pretrained(folder, **kwargs)
+    return LlmEncoder(model, bidirectional=bidirectional, settings=settings)
+
+
+def save_encoder(encoder: LlmEncoder, folder: str | Path, tokenizer_source: str | Path | None = None) -> Path:
+    """Save the (merged) base model, its ``llm2clip.json`` and the tokenizer files beside it."""
+    import shutil
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    model = encoder.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    for m in model.modules():  # save a plain model: causality is re-applied from the settings on load
+        if hasattr(m, "is_causal") and encoder.is_decoder:
+            m.is_causal = True
+    model.save_pretrained(out)
+    if encoder.settings.bidirectional:
+        for m in model.modules():
+            if hasattr(m, "is_causal") and encoder.is_decoder:
+                m.is_causal = False
+    (out / SETTINGS_FILE).write_text(json.dumps(asdict(encoder.settings), indent=1) + "\n")
+    if tokenizer_source is not None:
+        src = Path(tokenizer_source)
+        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                 "tokenizer.model", "merges.txt", "vocab.json")
+        for name in names:
+            if (src / name).is_file() and src.resolve() != out.resolve():
+                shutil.copyfile(src / name, out / name)
+        if src.is_file():
+            shutil.copyfile(src, out / "tokenizer.json")
+    return out

