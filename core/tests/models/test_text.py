@@ -112,6 +112,19 @@ def test_forward_embeds_equivalences() -> None:
         tower.forward_embeds(torch.zeros(1, 13, D))
 
 
+def test_forward_embeds_without_final_norm() -> None:
+    """``final_norm=False`` is the residual stream the final norm is applied to; the causal prefix rule holds."""
+    tower = _tower()
+    tokens = _tokens([9, 3])
+    with torch.no_grad():
+        normed = tower.forward_embeds(tower.embed_tokens(tokens))
+        raw = tower.forward_embeds(tower.embed_tokens(tokens), final_norm=False)
+        prefix = tower.forward_embeds(tower.embed_tokens(tokens[:, :4]), final_norm=False)
+    torch.testing.assert_close(tower.ln_final(raw), normed)
+    assert not torch.allclose(raw, normed)
+    torch.testing.assert_close(prefix, raw[:, :4], atol=1e-5, rtol=1e-5)  # later tokens cannot leak back
+
+
 def test_grad_checkpointing_same_grads() -> None:
     tower = _tower()
     tokens = _tokens([9, 3])

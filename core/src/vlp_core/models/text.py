@@ -133,7 +133,9 @@ class CausalTextTransformer(nn.Module):
         """Token embeddings only (no positions): [B, L] ids -> [B, L, D]."""
         return self.token_embedding(tokens_BL)
 
-    def forward_embeds(self, x_BLD: Tensor, *, attention_mask_BL: Tensor | None = None) -> Tensor:
+    def forward_embeds(
+        self, x_BLD: Tensor, *, attention_mask_BL: Tensor | None = None, final_norm: bool = True
+    ) -> Tensor:
         """Add position embeddings, run the blocks and the final norm on given input embeddings.
 
         Args:
@@ -141,9 +143,12 @@ class CausalTextTransformer(nn.Module):
             attention_mask_BL: [B, L] True for real positions. Without it, a causal tower attends causally
                 (flash-eligible) and a non-causal one attends everywhere. With right padding a causal tower
                 does not need it: pads come after every real token and cannot reach them.
+            final_norm: Apply ``ln_final``. ``False`` returns the last block's residual stream, for callers
+                that put their own head on it (a language-model head with its own norm) and apply
+                ``ln_final`` only where they need it.
 
         Returns:
-            [B, L, D] features after the final norm.
+            [B, L, D] features after the final norm (before it with ``final_norm=False``).
         """
         batch, seq_len, width = x_BLD.shape
         if seq_len > self.context_length:
@@ -169,7 +174,7 @@ class CausalTextTransformer(nn.Module):
                 )
             else:
                 x_BLD = block(x_BLD, attn_mask=attn_mask, is_causal=is_causal)
-        return self.ln_final(x_BLD)
+        return self.ln_final(x_BLD) if final_norm else x_BLD
 
     def forward(self, tokens_BL: Tensor) -> TextOutput:
         """Encode right-padded token ids [B, L] into :class:`TextOutput`."""
