@@ -99,8 +99,13 @@ def test_adapter_draws_fresh_subcaptions_per_load():
     assert len(draws) > 10  # dynamic sampling across loads
     batch = ad.collate([a, b])
     assert batch["images"].shape == (2, 3, 32, 32) and batch["images"].dtype == torch.uint8
-    assert batch["tokens"].shape == (2, 4, 12)
-    assert torch.equal(batch["tokens"][1, 2], _Tok()([b["subcaptions"][2]])[0])  # (image, slot) order
+    full = _Tok()([c for s in (a, b) for c in s["subcaptions"]]).view(2, 4, 12)
+    longest = max(len(c.split()) for s in (a, b) for c in s["subcaptions"])
+    assert batch["tokens"].shape == (2, 4, longest) and longest < 12  # cut to the longest text
+    assert torch.equal(batch["tokens"], full[..., :longest]) and not full[..., longest:].any()
+    assert torch.equal(batch["tokens"][1, 2], full[1, 2, :longest])  # (image, slot) order
+    untrimmed = DreamLipAdapter(_Tok(), image_size=32, num_subcaptions=3, trim_padding=False)
+    assert torch.equal(untrimmed.collate([a, b])["tokens"], full)
     assert batch["caption_ids"].tolist() == [[0, 1, 2, 3]] * 2 and batch["texts"] == ["raw caption"] * 2
 
 

@@ -35,3 +35,13 @@ def test_without_sgl_no_patch_features():
     model, _ = _model(patch_features=False)
     out = model({"images": torch.randn(2, 3, 32, 32), "tokens": torch.randint(1, 50, (2, 1, 16))})
     assert set(out) == {"image_features", "text_features"}
+
+
+def test_trimmed_padding_gives_the_same_text_features():
+    """The adapter cuts tokens to the batch's longest text: exact for the causal tower with EOT pooling."""
+    model, cfg = _model()
+    tokens = torch.zeros(2, 3, cfg.model.text.context_length, dtype=torch.long)
+    tokens[..., :5] = torch.randint(1, 50, (2, 3, 5), generator=torch.Generator().manual_seed(3))
+    tokens[0, 1, 5:9] = 7  # the longest text: 9 tokens
+    with torch.no_grad():
+        assert torch.allclose(model.encode_texts(tokens), model.encode_texts(tokens[..., :9]), atol=1e-6)

@@ -37,7 +37,7 @@ def build_adapter(cfg: RunConfig, tokenizer: Any) -> DreamLipAdapter:
     c = cfg.loss
     return DreamLipAdapter(tokenizer, image_size=cfg.model.vision.image_size, raw_key=c.raw_key,
                            caption_keys=c.caption_keys, num_subcaptions=c.num_subcaptions,
-                           augment=cfg.data.augment)
+                           augment=cfg.data.augment, trim_padding=c.trim_padding)
 
 
 METHOD = MethodSpec(

@@ -26,6 +26,7 @@ class DreamLipConfig:
     raw_key: str = "txt"
     caption_keys: str = "json.long,json.clean"
     num_subcaptions: int = 8  # K; T = K + 1 texts per image
+    trim_padding: bool = True  # tokens cut to the batch's longest text (exact: pads never reach real tokens)
     # Global multi-positive contrastive loss (per caption slot, against all images of the global batch).
     mpcl_weight: float = 1.0
     init_temperature: float = 0.07

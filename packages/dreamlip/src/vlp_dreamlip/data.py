@@ -115,17 +115,19 @@ def _read_field(sample: dict[str, Any], key: str) -> list[str]:
 class DreamLipAdapter(ImageTextAdapter):
     """Image, raw caption and K sampled sub-captions.
 
-    Collates to ``images`` uint8 [B, 3, S, S], ``tokens`` [B, T, L] (slot 0 = raw caption), ``caption_ids``
+    Collates to ``images`` uint8 [B, 3, S, S], ``tokens`` [B, T, L] (slot 0 = raw caption; with
+    ``trim_padding`` L is the batch's longest text, at most the context length), ``caption_ids``
     [B, T] (see :func:`duplicate_ids`), ``texts`` (the raw captions, for the sample grid) and
     ``subcaptions`` (the T strings of each sample).
     """
 
     def __init__(self, tokenizer: Any, *, image_size: int, raw_key: str = "txt",
                  caption_keys: str = "json.long,json.clean", num_subcaptions: int = 8,
-                 augment: bool = False) -> None:
+                 augment: bool = False, trim_padding: bool = True) -> None:
         super().__init__(tokenizer, image_size=image_size, caption_keys=raw_key, augment=augment)
         self.pool_keys = [k.strip() for k in caption_keys.split(",") if k.strip()]
         self.k = num_subcaptions
+        self.trim_padding = trim_padding
 
     def pool(self, sample: dict[str, Any]) -> list[str]:
         """Sentences of every captioner output, in ``caption_keys`` order."""
@@ -141,10 +143,15 @@ class DreamLipAdapter(ImageTextAdapter):
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         b, t = len(samples), self.k + 1
-        flat = [c for s in samples for c in s["subcaptions"]]
+        tokens_ML = self.tokenizer([c for s in samples for c in s["subcaptions"]])
+        if self.trim_padding:
+            # Drop the columns that are padding in every row: sentences are far shorter than a context
+            # sized for whole long captions, and right pads change nothing (causal tower, masked pooling).
+            real_L = (tokens_ML != self.tokenizer.pad_id).any(0)
+            tokens_ML = tokens_ML[:, : int(real_L.nonzero().max()) + 1 if real_L.any() else 1]
         return {
             "images": torch.stack([s["images"] for s in samples]),
-            "tokens": self.tokenizer(flat).view(b, t, -1),
+            "tokens": tokens_ML.view(b, t, -1),
             "caption_ids": torch.stack([s["caption_ids"] for s in samples]),
             "texts": [s["texts"] for s in samples],
             "subcaptions": [s["subcaptions"] for s in samples],

@@ -28,11 +28,14 @@ RELEASE_SAMPLES["merged30m"] = sum(RELEASE_SAMPLES.values())
 def demo() -> RunConfig:
     """DreamLIP (both losses) on the shapes world's long + clean captions: a few minutes on 2 CPU cores.
 
-    The towers, optimiser and budget of the CLIP demo (``vlp_core.clip.presets.demo``); K = 4 because the
-    world's pool holds 3-8 sentences (the count, one per object and one per pair, plus the clean caption).
+    The towers, optimiser and budget of the CLIP demo (``vlp_core.clip.presets.demo``), with a 72-token
+    context so that the long-caption retrieval set is not truncated (training texts are cut to the batch's
+    longest, ~16 tokens). K = 4 because the world's pool holds 3-8 sentences (the count, one per object and
+    one per pair, plus the clean caption).
     """
     cfg = clip_presets.demo()
     cfg.loss = DreamLipConfig(raw_key="txt", caption_keys="json.long,json.clean", num_subcaptions=4)
+    cfg.model.text.context_length = 72  # the world's longest long caption is 70 tokens + BOS/EOT
     cfg.eval.retrieval = "retrieval,retrieval_long"
     return cfg
 
