@@ -106,18 +106,30 @@ def build_llm_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:
     from vlp_llm2clip.caption_model import CaptionEmbedder
 
     _check_tokenizer(cfg, tokenizer)
+    if cfg.loss.objective == "mntp":
+        from vlp_llm2clip.mntp import MntpModel
+
+        return MntpModel(cfg.loss)
     return CaptionEmbedder(cfg.loss)
 
 
 def build_llm_loss(cfg: RunConfig) -> nn.Module:
     from vlp_llm2clip.loss import SimCseLoss
 
+    if cfg.loss.objective == "mntp":
+        from vlp_llm2clip.mntp import MntpLoss
+
+        return MntpLoss()
     return SimCseLoss(cfg.loss.scale)
 
 
 def build_llm_adapter(cfg: RunConfig, tokenizer: Any):
     from vlp_llm2clip.data import CaptionTripleAdapter
 
+    if cfg.loss.objective == "mntp":
+        from vlp_llm2clip.mntp import MntpAdapter
+
+        return MntpAdapter(cfg.loss, tokenizer)
     return CaptionTripleAdapter(cfg.loss, tokenizer)
 
 

@@ -43,10 +43,21 @@ def export_text_model(run_dir: str | Path) -> Path:
     cfg = LLM_METHOD.preset(saved["config"].get("preset") if saved["config"].get("preset") in LLM_METHOD.presets
                             else LLM_METHOD.default_preset)
     from_dict(cfg, saved["config"])
-    model = CaptionEmbedder(cfg.loss, from_config=True)
     state = {k.removeprefix("model."): v for k, v in saved["model"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
     source = resolve_text_model(cfg.model.text.tokenizer or cfg.loss.text_model)
+    if cfg.loss.objective == "mntp":  # keep the inner (base) model: the SimCSE stage loads it with AutoModel
+        from vlp_llm2clip.encoder import EncoderSettings, LlmEncoder
+        from vlp_llm2clip.mntp import MntpModel
+
+        lm_model = MntpModel(cfg.loss, from_config=True)
+        lm_model.load_state_dict(state)
+        lm = lm_model.lm.merge_and_unload() if hasattr(lm_model.lm, "merge_and_unload") else lm_model.lm
+        settings = EncoderSettings(pool_bos=cfg.loss.pool_bos, bidirectional=cfg.loss.bidirectional)
+        encoder = LlmEncoder(lm.model, bidirectional=cfg.loss.bidirectional, settings=settings)
+        encoder.is_decoder = True
+        return save_encoder(encoder, run / "text_model", tokenizer_source=source)
+    model = CaptionEmbedder(cfg.loss, from_config=True)
+    model.load_state_dict(state)
     return save_encoder(model.encoder, run / "text_model", tokenizer_source=source)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EncoderSettings", "LlmEncoder", "padding_only_mask", "masks_from_tokens", "tokenize",
+__all__ = ["EncoderSettings", "LlmEncoder", "hidden_states", "padding_only_mask", "masks_from_tokens", "tokenize",
            "load_encoder", "save_encoder", "SETTINGS_FILE"]
 
 SETTINGS_FILE = "llm2clip.json"
@@ -111,6 +111,18 @@ def tokenize(tokenizer: Any, texts: list[str], instructions: list[str] | None = 
     return {"tokens": ids, "attention": attention, "pool": pool}
 
 
+def hidden_states(model: nn.Module, tokens_BL: Tensor, attention_BL: Tensor, *, bidirectional: bool) -> Tensor:
+    """``model``'s last hidden states with position ids over real tokens; a padding-only 4-D mask if
+    ``bidirectional`` (its attention modules must have ``is_causal = False``), else the 2-D mask."""
+    attention_BL = attention_BL.to(torch.bool)
+    position_BL = (attention_BL.long().cumsum(dim=1) - 1).clamp(min=0)
+    if bidirectional:
+        mask: Tensor = padding_only_mask(attention_BL, next(model.parameters()).dtype)
+    else:
+        mask = attention_BL.long()
+    return model(input_ids=tokens_BL, attention_mask=mask, position_ids=position_BL).last_hidden_state
+
+
 class LlmEncoder(nn.Module):
     """A transformers base model (``AutoModel``) as a caption embedder: ``forward -> [B, D]`` float32.
 
@@ -136,18 +148,16 @@ class LlmEncoder(nn.Module):
         config = getattr(model, "config", None)
         self.width: int = int(config.hidden_size)
 
+    def hidden_states(self, tokens_BL: Tensor, attention_BL: Tensor) -> Tensor:
+        """Last hidden states [B, L, D] (model dtype) under the bidirectional (or the model's own) mask."""
+        return hidden_states(self.model, tokens_BL, attention_BL,
+                             bidirectional=self.is_decoder and self.settings.bidirectional)
+
     def forward(self, tokens_BL: Tensor, attention_BL: Tensor, pool_BL: Tensor | None = None) -> Tensor:
         """Mean of the last hidden states over ``pool_BL`` (default: the attention mask), in float32."""
         attention_BL = attention_BL.to(torch.bool)
         pool_BL = attention_BL if pool_BL is None else pool_BL.to(torch.bool)
-        position_BL = (attention_BL.long().cumsum(dim=1) - 1).clamp(min=0)
-        if self.is_decoder and self.settings.bidirectional:
-            dtype = next(self.model.parameters()).dtype
-            mask: Tensor = padding_only_mask(attention_BL, dtype)
-        else:
-            mask = attention_BL.long()
-        out = self.model(input_ids=tokens_BL, attention_mask=mask, position_ids=position_BL)
-        hidden_BLD = out.last_hidden_state.float()
+        hidden_BLD = self.hidden_states(tokens_BL, attention_BL).float()
         w_BL1 = pool_BL.unsqueeze(-1).float()
         return (hidden_BLD * w_BL1).sum(dim=1) / w_BL1.sum(dim=1).clamp(min=1.0)
 

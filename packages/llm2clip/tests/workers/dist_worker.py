@@ -1,0 +1,87 @@
+"""torchrun worker: both stages' loss and gradients on a W-way split of one global batch (gloo, CPU).
+
+Every rank builds the same seeded model (``build_stage``), takes rows ``[rank*B, (rank+1)*B)`` of the same
+global batch (``global_batch``), runs the step through DDP and rank 0 saves the mean loss over ranks and the
+DDP-averaged gradients. The pytest side computes the same step in one process on the whole batch.
+
+Usage: dist_worker.py OUT_DIR llm=TEXT_MODEL clip=TEXT_MODEL   (writes OUT_DIR/<stage>.pt)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+N = 8  # global batch
+TEXTS_Q = ["a red circle.", "a large blue star at the top left.", "a green cross.", "a small white hexagon.",
+           "a yellow square in the center.", "a purple triangle on the right.", "a cyan star.", "an orange circle."]
+
+
+def build_stage(stage: str, text_model: str):
+    """(step module with ``forward(batch) -> loss``, global batch) for ``stage`` 'llm' or 'clip'."""
+    from vlp_llm2clip import LLM_METHOD, METHOD
+
+    from vlp_core.data.tokenizer import Tokenizer
+    from vlp_core.train.loop import TrainStep
+
+    method = LLM_METHOD if stage == "llm" else METHOD
+    cfg = method.preset("llm_smoke" if stage == "llm" else "smoke")
+    cfg.loss.text_model = text_model
+    cfg.model.text.tokenizer = text_model
+    if stage == "llm":
+        cfg.loss.lora_dropout = 0.0  # dropout draws differ per rank
+    tok = Tokenizer.from_pretrained(text_model, context_length=cfg.model.text.context_length)
+    torch.manual_seed(0)
+    model, loss = method.build_model(cfg, tok), method.build_loss(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero; make it non-zero so every LoRA weight gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    step = TrainStep(model, loss)
+    if stage == "llm":
+        from vlp_llm2clip.encoder import tokenize
+
+        positives = [t.replace("a ", "one ", 1) for t in TEXTS_Q]
+        negatives = TEXTS_Q[1:] + TEXTS_Q[:1]
+        batch = {}
+        for name, texts, instr in (("q", TEXTS_Q, "Given a sentence, retrieve a detailed relevant sentence;"),
+                                   ("p", positives, ""), ("n", negatives, "")):
+            enc = tokenize(tok, texts, [instr] * N if instr else None)
+            batch.update({f"{name}_{k}": v for k, v in enc.items()})
+    else:
+        batch = {"images": torch.randn(N, 3, 32, 32, generator=g), "text_emb": torch.randn(N, 32, generator=g)}
+    return step, batch
+
+
+def shard(batch: dict, rank: int, world: int) -> dict:
+    b = N // world
+    return {k: v[rank * b: (rank + 1) * b] for k, v in batch.items()}
+
+
+def grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def main() -> None:
+    from vlp_core.distributed import cleanup, init_distributed, wrap_ddp
+
+    out_dir, jobs = sys.argv[1], [a.split("=", 1) for a in sys.argv[2:]]
+    info = init_distributed(device="cpu")
+    for stage, text_model in jobs:
+        step, batch = build_stage(stage, text_model)
+        ddp = wrap_ddp(step, info)
+        loss = ddp(shard(batch, info.rank, info.world_size)).loss
+        loss.backward()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        mean /= info.world_size
+        if info.rank == 0:
+            torch.save({"loss": mean, "grads": grads(step), "world": info.world_size}, f"{out_dir}/{stage}.pt")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
