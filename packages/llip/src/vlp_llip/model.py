@@ -142,7 +142,7 @@ class LlipModel(nn.Module):
         if self.variant == "avg":  # uniform weights: mean of the values, then the output projection
             return self.mixture.out_proj(self.mixture.project_values(h_BKW).mean(dim=1))
         assert self.mix_logits is not None
-        a_HK = torch.softmax(self.mix_logits.float(), dim=-1)
+        a_HK = torch.softmax(self.mix_logits.to(torch.promote_types(self.mix_logits.dtype, torch.float32)), dim=-1)
         return torch.einsum("hk,bhke->be", a_HK.to(h_BKW.dtype), self.mixture.folded_values(h_BKW))
 
     # --- text side -----------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ __all__ = [
 
 def mixture_weights(keys_VHKd: torch.Tensor, query_THd: torch.Tensor, tau: float) -> torch.Tensor:
     """Softmax weights over the K tokens of every image for every caption and head: float32+ ``[V, T, H, K]``."""
-    scores_VTHK = torch.einsum("vhkd,thd->vthk", keys_VHKd, query_THd)
+    # Dividing the (small) queries instead of the [V, T, H, K] scores: same values, one pass less.
+    scores_VTHK = torch.einsum("vhkd,thd->vthk", keys_VHKd, query_THd / tau)
     # Softmax in at least float32 (under bf16 autocast the einsum comes out in bf16).
-    return torch.softmax(scores_VTHK.to(torch.promote_types(scores_VTHK.dtype, torch.float32)) / tau, dim=-1)
+    return torch.softmax(scores_VTHK.to(torch.promote_types(scores_VTHK.dtype, torch.float32)), dim=-1)
 
 
 def fold_out_proj(values_BHKd: torch.Tensor, out_weight_DD: torch.Tensor) -> torch.Tensor:
