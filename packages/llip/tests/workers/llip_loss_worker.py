@@ -50,20 +50,24 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.0 if diff <= 1e-13 else diff / max(float(b.abs().max()), 1e-30)
 
 
-def check(ring: str, use_ddp: bool, rank: int, world: int, info: object) -> tuple[float, dict]:
-    n = B * world
-    data = global_batch(n)
-    ref = build(ring)
+def reference(world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of the whole global batch, pair by pair (no process group involved)."""
+    ref = build("bidir")
     m = ref.model
+    data = global_batch(B * world)
     h_NKW, g_NW = m.mixture_tokens(data["images"]), m.text_hidden(data["tokens"])
     ref_loss = reference_loss(m, h_NKW, g_NW, ref.loss.clamped_scale(), ref.loss.logit_bias, tau=m.tau)
     ref_loss.backward()
-    ref_grads = {k: p.grad.clone() for k, p in ref.named_parameters() if p.grad is not None}
+    return ref_loss.detach(), {k: p.grad.clone() for k, p in ref.named_parameters() if p.grad is not None}
 
+
+def check(ring: str, use_ddp: bool, rank: int, world: int, info: object,
+          ref: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> tuple[float, dict]:
+    ref_loss, ref_grads = ref
     step = build(ring)
     net = wrap_ddp(step, info) if use_ddp else step
     rows = slice(rank * B, (rank + 1) * B)
-    loss = net({k: v[rows] for k, v in data.items()}).loss
+    loss = net({k: v[rows] for k, v in global_batch(B * world).items()}).loss
     loss.backward()
     if not use_ddp:
         for p in step.parameters():
@@ -85,10 +89,11 @@ def main() -> None:
     rank, world = info.rank, info.world_size
     errors: dict[str, float] = {}
     saved = {}
+    ref = reference(world)
     for ring in ("bidir", "shift"):
         for use_ddp in (False, True):
             key = f"{ring}_{'ddp' if use_ddp else 'manual'}"
-            errors[key], saved[key] = check(ring, use_ddp, rank, world, info)
+            errors[key], saved[key] = check(ring, use_ddp, rank, world, info, ref)
     per_rank = all_gather_object(errors)
     if rank == 0:
         merged = {k: max(r[k] for r in per_rank) for k in errors}
