@@ -34,10 +34,11 @@ def world_sources(cfg: RunConfig, *, pairs: bool = True, docs: bool = True) -> s
 
 
 def demo() -> RunConfig:
-    """Tiny LCL on the shapes world's pairs + interleaved documents (1:1): about 5 minutes on 2 CPU cores.
+    """Tiny LCL on the shapes world's pairs + interleaved documents (1:1): 5-8 minutes on 2 CPU cores.
 
-    The ViT is the CLIP demo's (64 px, patch 8 so 64 visual tokens per image, conv stem, 3 x 96), so the
-    frozen-ViT comparisons with ``clip-train`` at the same steps and batch are like for like.
+    The ViT is the CLIP demo's (64 px, conv stem, 3 x 96) at patch 16, so 16 visual tokens per image keep
+    the LM's sequences short (at most 160); ``clip-train --batch-size 64 --set model.vision.patch_size=16``
+    gives the like-for-like CLIP baseline (same ViT, steps and batch).
     """
     cfg = RunConfig(loss=LclConfig(caption_keys="json.clean", pool_heads=4))
     v, t = cfg.model.vision, cfg.model.text
