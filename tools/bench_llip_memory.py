@@ -10,8 +10,12 @@ whole global batch. The worker builds the loss inputs (keys, folded values, quer
 pairs, as leaf tensors that need gradients), runs one small warm-up call so that kernels and thread pools
 exist, then records its resident set size, runs the loss forward and backward once, and reads the process's
 peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``, which the kernel tracks exactly). The reported
-figure is ``peak - RSS before the call``: the memory the loss itself needed on top of its inputs. On CUDA the
-same worker reports ``torch.cuda.max_memory_allocated`` increments instead (``--device cuda``).
+figure is ``peak - RSS before the call``: the memory the loss itself needed on top of its inputs. The workers
+run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every tensor above 64 KiB by ``mmap`` and
+returns it to the kernel on free, so the RSS follows the live tensors. (Its default dynamic threshold rises to
+32 MiB after the first large free, after which freed blocks stay in the heap and fragmentation inflates the
+RSS: the blockwise loss then showed 2-3x its real peak.) On CUDA the same worker reports
+``torch.cuda.max_memory_allocated`` increments instead (``--device cuda``).
 
 Variants:
 - ``naive``: every (image, caption) pair conditioned at once: weights [B, B, H, K] and embeddings
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -125,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"--{k}={getattr(args, k)}" for k in ("batch", "chunk", "dim", "heads", "tokens", "tau", "device",
                                                      "threads")]
     for mode in args.modes.split(","):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         out = subprocess.run([sys.executable, __file__, "--worker", f"--mode={mode}", *common],
-                             capture_output=True, text=True, check=False)
+                             capture_output=True, text=True, check=False, env=env)
         if out.returncode:
             print(f"{mode}: failed ({out.returncode}): {out.stderr[-2000:]}", file=sys.stderr)
             return 1
