@@ -141,3 +141,24 @@ def test_adapter_rejecting_everything_is_a_clear_error_not_a_hang(tmp_path):
     p = make(shards, shuffle_buffer=0, max_consecutive_skips=25)
     with pytest.raises(ValueError, match="25 samples in a row were skipped.*bad_image"):
         take(p, 0, 1)
+
+
+def test_seeded_augment_repeats_per_sample_and_leaves_global_rng_alone():
+    import random
+
+    from vlp_core.data.adapters import seeded_augment
+
+    def draw(seed):
+        with seeded_augment(random.Random(seed), True):
+            return torch.rand(4)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b, c = draw(7), draw(7), draw(8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator was not advanced
+    rng = random.Random(7)
+    state = rng.getstate()
+    with seeded_augment(rng, False):
+        pass
+    assert rng.getstate() == state  # disabled: no draw from the sample's generator

@@ -8,8 +8,10 @@ the same after a resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,7 +19,8 @@ import torch
 from vlp_core.data.transforms import ImageDecodeError, build_transform, decode_image
 from vlp_core.method import SkipSample
 
-__all__ = ["ImageTextAdapter", "read_caption", "read_image", "read_npy", "parse_json", "IMAGE_KEYS"]
+__all__ = ["ImageTextAdapter", "read_caption", "read_image", "read_npy", "parse_json", "seeded_augment",
+           "IMAGE_KEYS"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -51,6 +54,19 @@ def read_caption(sample: dict[str, Any], key: str, rng: random.Random) -> str:
     return value.strip()
 
 
+@contextlib.contextmanager
+def seeded_augment(rng: random.Random, enabled: bool) -> Iterator[None]:
+    """Random image transforms run inside draw from torch's RNG seeded from ``rng`` (the sample's own
+    generator), so a sample gets the same crop after a resume; the global RNG is left untouched. A no-op
+    (and no draw from ``rng``) when ``enabled`` is false."""
+    if not enabled:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(31))
+        yield
+
+
 def read_image(sample: dict[str, Any], transform) -> torch.Tensor:
     for key in IMAGE_KEYS:
         if key in sample:
@@ -78,11 +94,7 @@ class ImageTextAdapter:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         rng = self.rng(sample)
         caption = read_caption(sample, rng.choice(self.keys), rng)
-        if self.augment:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng.getrandbits(31))
-                image = read_image(sample, self.transform)
-        else:
+        with seeded_augment(rng, self.augment):
             image = read_image(sample, self.transform)
         return {"images": image, "texts": caption}
 

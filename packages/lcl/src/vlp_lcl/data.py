@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from vlp_core.data.adapters import parse_json, read_caption, read_image
+from vlp_core.data.adapters import parse_json, read_caption, read_image, seeded_augment
 from vlp_core.data.transforms import ImageDecodeError, build_transform, decode_image
 from vlp_core.method import SkipSample
 from vlp_lcl.config import LclConfig
@@ -131,11 +131,8 @@ class LclAdapter:
         return [i for i in self.tokenizer.encode(text) if i not in self._banned and i < self.ids.soi]
 
     def _image(self, data: bytes, rng: random.Random) -> torch.Tensor:
-        if self.augment:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng.getrandbits(31))
-                return self.transform(decode_image(data))
-        return self.transform(decode_image(data))
+        with seeded_augment(rng, self.augment):
+            return self.transform(decode_image(data))
 
     # -- samples -------------------------------------------------------------------------------------------
 
@@ -148,11 +145,7 @@ class LclAdapter:
 
     def pair(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         caption = read_caption(sample, rng.choice(self.keys), rng)
-        if self.augment:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng.getrandbits(31))
-                image = read_image(sample, self.transform)
-        else:
+        with seeded_augment(rng, self.augment):
             image = read_image(sample, self.transform)
         text = self.encode(caption)[: self.context_length - self.P - 4]
         image_first = rng.random() < self.cfg.img_first_prob

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vlp_core.data.adapters import parse_json, read_caption, read_image
+from vlp_core.data.adapters import parse_json, read_caption, read_image, seeded_augment
 from vlp_core.data.transforms import build_transform
 from vlp_core.method import SkipSample
 from vlp_llm2clip.embed import EmbeddingIndex
@@ -33,11 +33,7 @@ class EmbeddingAdapter:
         key = rng.choice(self.keys)
         emb = self.index.lookup(sample["__url__"], sample["__key__"], key)
         caption = read_caption(sample, key, rng)
-        if self.augment:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng.getrandbits(31))
-                image = read_image(sample, self.transform)
-        else:
+        with seeded_augment(rng, self.augment):
             image = read_image(sample, self.transform)
         return {"images": image, "text_emb": emb, "texts": caption}
 
