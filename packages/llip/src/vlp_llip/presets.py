@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from vlp_core.clip import presets as clip_presets
 from vlp_core.config import RunConfig
 from vlp_llip.config import LlipConfig
 
@@ -27,16 +28,9 @@ def demo() -> RunConfig:
 
     The shapes world's images hold 1-3 objects and the clean captions name every one of them.
     """
-    cfg = RunConfig(loss=LlipConfig(caption_keys="json.clean"))
-    v, t = cfg.model.vision, cfg.model.text
-    v.image_size, v.patch_size, v.width, v.depth, v.heads, v.stem = 64, 8, 96, 3, 4, "conv"
+    cfg = clip_presets.demo()
+    cfg.loss = LlipConfig(caption_keys=cfg.loss.caption_keys)
     _llip_vision(cfg, 8)
-    t.context_length, t.width, t.depth, t.heads = 32, 96, 2, 4
-    cfg.model.embed_dim = 96
-    cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = 2e-3, 0.1, 40
-    cfg.train.steps, cfg.train.batch_size = 300, 128
-    cfg.train.save_every, cfg.train.log_every, cfg.train.image_grid_every = 100, 10, 100
-    cfg.data.workers = 1
     return cfg
 
 

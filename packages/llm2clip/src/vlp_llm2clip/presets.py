@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from vlp_core.clip import presets as clip_presets
 from vlp_core.config import RunConfig
 from vlp_llm2clip.config import CaptionContrastiveConfig, Llm2ClipConfig
 
@@ -25,29 +26,17 @@ def _minilm() -> str:
         return "minilm"
 
 
-def _demo_vision(cfg: RunConfig) -> None:
-    """The core CLIP demo's vision tower (so a CLIP demo checkpoint is a drop-in pretrained tower)."""
-    v = cfg.model.vision
-    v.image_size, v.patch_size, v.width, v.depth, v.heads = 64, 8, 96, 3, 4
-    v.stem, v.pool = "conv", "avg"
-    cfg.model.embed_dim = 96
-
-
 def demo() -> RunConfig:
     """Shapes world, frozen all-MiniLM-L6-v2 embeddings (computed on first use), CLIP-demo-sized vision tower.
 
     The vision tower starts from scratch unless ``--set model.vision.pretrained=<tower file>`` (see the
     README: a CLIP demo run exported with ``python -m vlp_llm2clip.export``). Needs ``vlp-llm2clip[demo]``.
     """
-    cfg = RunConfig(loss=Llm2ClipConfig(text_model="minilm"))
-    _demo_vision(cfg)
+    cfg = clip_presets.demo()  # its vision tower, optimiser, steps and batch; its text tower is not used
+    cfg.loss = Llm2ClipConfig(text_model="minilm")
     cfg.model.text.tokenizer = _minilm()  # the text model's own tokenizer
     cfg.model.text.context_length = 96  # long captions reach 87 MiniLM tokens
     cfg.loss.layer_decay = 1.0  # from scratch; use 0.85 with a pretrained tower
-    cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = 2e-3, 0.1, 40
-    cfg.train.steps, cfg.train.batch_size = 300, 128
-    cfg.train.save_every, cfg.train.log_every, cfg.train.image_grid_every = 100, 10, 100
-    cfg.data.workers = 1
     cfg.data.world_train_samples = 5000  # the MiniLM extraction dominates on 2 CPU cores
     cfg.eval.retrieval = "retrieval,retrieval_long"
     return cfg
