@@ -72,9 +72,14 @@ def lint(session: nox.Session) -> None:
     session.run(sys.executable, "-m", "ruff", "check", ".", external=True)
 
 
+# Test-only reference implementations (no runtime package depends on them).
+TEST_ONLY = ["open_clip_torch>=2.24"]
+
+
 def _pytest(session: nox.Session, marker: str) -> None:
     _link_torch(session)
     _install_packages(session)
+    session.install("-c", str(CONSTRAINTS), *TEST_ONLY)
     paths = [str(p / "tests") for p in PACKAGES if (p / "tests").is_dir()]
     session.run("pytest", "-m", marker, *paths, *session.posargs)
 

@@ -49,7 +49,20 @@ class VisionConfig:
     class_token: bool = True
     # Learnable prefix tokens after the class token (Llip mixture tokens, registers).
     extra_tokens: int = 0
-    pool: Literal["token", "avg", "none"] = "token"
+    # "map": timm's attention-pool head over the normed tokens (SigLIP's MAP head).
+    pool: Literal["token", "avg", "none", "map"] = "token"
+    # Explicit build only (timm_name models keep their own): the MLP activation (OpenAI CLIP uses
+    # "quick_gelu", SigLIP "gelu_tanh"), a LayerNorm after the patch embedding ("ln_pre", CLIP), and the
+    # LayerNorm epsilon (CLIP 1e-5, timm/SigLIP 1e-6).
+    act: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"
+    pre_norm: bool = False
+    norm_eps: float = 1e-6
+    # Extra keyword arguments for timm.create_model with timm_name (e.g. {'depth': 2} for a reduced copy).
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Image preprocessing: per-channel mean/std in [0, 1] units and the resize interpolation.
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     # "patch": the usual linear patch embedding; "conv": a stack of stride-2 3x3 convolutions with the same
     # total stride (early convolutions: much better sample efficiency on small data, Xiao et al. 2021).
     stem: Literal["patch", "conv"] = "patch"
@@ -71,14 +84,21 @@ class TextConfig:
 
     kind: Literal["clip", "hf"] = "clip"
     hf_name: str = ""
-    tokenizer: str = ""  # name or path; empty = the tokenizer saved beside the shapes world
+    # "clip-bpe" (OpenAI's BPE, shipped with vlp-core), a transformers name or folder, or a tokenizer.json.
+    # Empty: only for shapes-world data (the world folder's own tokenizer.json); any other data needs it.
+    tokenizer: str = ""
     context_length: int = 32
     width: int = 128
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
     causal: bool = True
-    pool: Literal["eot", "mean", "first"] = "eot"
+    # Non-causal towers only: keep pads out of attention (False: attend to every position, as SigLIP does).
+    mask_pads: bool = True
+    # "eot": the first end-of-text token; "last": the last position (SigLIP); "mean"; "first".
+    pool: Literal["eot", "mean", "first", "last"] = "eot"
+    act: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"
+    norm_eps: float = 1e-5
     pretrained: str = ""
 
     def validate(self) -> None:
@@ -93,6 +113,10 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 128
+    # Projection of each tower's pooled feature into the shared space: "linear" (bias-free, CLIP),
+    # "linear_bias" (EVA-CLIP's image head, SigLIP's text head) or "none" (width must equal embed_dim).
+    image_proj: Literal["linear", "linear_bias", "none"] = "linear"
+    text_proj: Literal["linear", "linear_bias", "none"] = "linear"
 
 
 @dataclass(kw_only=True)
