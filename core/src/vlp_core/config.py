@@ -87,6 +87,9 @@ class TextConfig:
     # "clip-bpe" (OpenAI's BPE, shipped with vlp-core), a transformers name or folder, or a tokenizer.json.
     # Empty: only for shapes-world data (the world folder's own tokenizer.json); any other data needs it.
     tokenizer: str = ""
+    # Rows of the token embedding; 0 = the tokenizer's vocabulary size. Converted checkpoints record it
+    # (e.g. 49408 for CLIP), and a tokenizer with more ids than this is an error.
+    vocab_size: int = 0
     context_length: int = 32
     width: int = 128
     depth: int = 2
