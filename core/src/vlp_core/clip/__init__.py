@@ -34,7 +34,8 @@ class ContrastiveObjective(nn.Module):
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:
-    return DualEncoder(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    return DualEncoder(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                       eot_id=tokenizer.eot_id, bos_id=getattr(tokenizer, "bos_id", None))
 
 
 def build_loss(cfg: RunConfig) -> nn.Module:

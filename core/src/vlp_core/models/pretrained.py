@@ -1,16 +1,13 @@
 """Loading weights into a module from a local file, a local folder or a Hugging Face hub repository.
 
-Accepted sources:
-    - ``*.safetensors`` file;
-    - ``*.pt`` / ``*.pth`` / ``*.bin`` / ``*.ckpt`` file read with ``torch.load(weights_only=True)``; a dict
-      that wraps the weights under ``"state_dict"`` or ``"model"`` (trainer checkpoints) is unwrapped;
-    - a folder holding one of :data:`WEIGHT_FILES`;
-    - a hub repository id ``owner/name`` (optionally ``hf-hub:owner/name``), downloaded with
-      ``huggingface_hub.hf_hub_download``.
+Local files and folders are read by vlp's one safe loader, :func:`vlp_core.convert.safe_load.read_source`:
+``*.safetensors``; ``*.pt`` / ``*.pth`` / ``*.bin`` / ``*.ckpt`` with ``torch.load(weights_only=True)`` only
+(a pickle that could run code is refused); OpenAI's TorchScript archives; a folder holding one of
+:data:`WEIGHT_FILES`. It unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and strips ``module.`` /
+``_orig_mod.`` key prefixes. A hub repository id ``owner/name`` (optionally ``hf-hub:owner/name``) is
+downloaded with ``huggingface_hub.hf_hub_download`` first.
 
-Key clean-up: a leading ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``) are
-removed from every key, then ``prefix`` selects a sub-tree (``"visual."`` keeps the keys under it and strips
-the prefix).
+``prefix`` then selects a sub-tree (``"visual."`` keeps the keys under it and strips the prefix).
 """
 
 from __future__ import annotations
@@ -18,53 +15,22 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from vlp_core.convert.safe_load import TORCH_SUFFIXES, WEIGHT_FILES, read_source
 
 __all__ = ["WEIGHT_FILES", "load_pretrained", "read_state_dict", "select_prefix", "apply_state_dict"]
 
-# Looked for, in this order, inside a folder or a hub repository.
-WEIGHT_FILES: tuple[str, ...] = (
-    "model.safetensors",
-    "open_clip_model.safetensors",
-    "pytorch_model.bin",
-    "open_clip_pytorch_model.bin",
-)
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-_WRAPPER_KEYS = ("state_dict", "model")
-_STRIP_PREFIXES = ("module.", "_orig_mod.")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHOW = 5  # keys listed in an error message
-
-
-def _read_file(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    if path.suffix in _TORCH_SUFFIXES:
-        obj: Any = torch.load(str(path), map_location="cpu", weights_only=True)
-        # Trainer checkpoints wrap the weights; unwrap one level (``{"state_dict": ...}``/``{"model": ...}``).
-        if isinstance(obj, Mapping):
-            for key in _WRAPPER_KEYS:
-                if key in obj and isinstance(obj[key], Mapping):
-                    obj = obj[key]
-                    break
-        if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-            raise ValueError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__})")
-        return dict(obj)
-    raise ValueError(
-        f"unsupported weight file {path}: expected .safetensors or one of {', '.join(_TORCH_SUFFIXES)}"
-    )
 
 
 def _looks_local(source: str) -> bool:
     """Whether ``source`` is meant as a local path (so a miss is an error, not a hub look-up)."""
     return (
         source.startswith(("/", ".", "~"))
-        or source.endswith((".safetensors", *_TORCH_SUFFIXES))
+        or source.endswith((".safetensors", *TORCH_SUFFIXES))
         or not _HUB_ID.match(source.removeprefix("hf-hub:"))
     )
 
@@ -79,16 +45,6 @@ def _download_from_hub(repo_id: str) -> Path:  # pragma: no cover - needs networ
         except EntryNotFoundError:
             continue
     raise ValueError(f"hub repository {repo_id!r} has none of the weight files {', '.join(WEIGHT_FILES)}")
-
-
-def _strip(key: str) -> str:
-    changed = True
-    while changed:  # DDP around a compiled module gives ``module._orig_mod.``; strip in any order
-        changed = False
-        for p in _STRIP_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
 
 
 def read_state_dict(source: str) -> dict[str, Tensor]:
@@ -106,16 +62,11 @@ def read_state_dict(source: str) -> dict[str, Tensor]:
     if not source:
         raise ValueError("empty pretrained source")
     path = Path(source).expanduser()
-    if path.is_dir():
-        found = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
-        if not found:
-            raise ValueError(f"pretrained folder {source} holds none of {', '.join(WEIGHT_FILES)}")
-        path = found[0]
-    elif not path.is_file():
+    if not path.exists():
         if _looks_local(source):
             raise ValueError(f"pretrained weights not found: {source}")
         path = _download_from_hub(source.removeprefix("hf-hub:"))
-    return {_strip(k): v for k, v in _read_file(path).items()}
+    return read_source(path).state_dict
 
 
 def select_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -3,9 +3,12 @@
 Shape legend:
     B: batch, L: sequence length (<= context length), D: width, V: vocabulary size.
 
-Token layout assumed by the pooling: real tokens first (the tokenizer ends them with end-of-text), then
-``pad_id`` up to the context length (right padding). ``eot`` pooling takes the token at position
-``(number of non-pad tokens) - 1``, ``mean`` averages the non-pad tokens, ``first`` takes position 0.
+Token layout: real tokens first (``[BOS] ids... [EOT]``), then padding up to the context length (right
+padding). The real tokens end at the **first end-of-text token** (after position 0 when BOS and EOT share an
+id, GPT-2 style). Masks come from that position, never from the pad id: OpenAI's CLIP pads with id 0, a real
+token, and Hugging Face's CLIP tokenizers pad with EOT itself. For CLIP's BPE, where EOT has the largest id,
+this is OpenAI's ``argmax`` rule. ``eot`` pooling takes the EOT token, ``mean`` averages the real tokens,
+``first`` takes position 0 and ``last`` the last position (SigLIP, whose text tower attends to its pads).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from vlp_core.config import TextConfig
 from vlp_core.models.layers import TransformerBlock, padding_to_attn_mask
 from vlp_core.models.pretrained import load_pretrained
 
-__all__ = ["TextOutput", "CausalTextTransformer", "HFTextTower", "build_text_tower", "pool_tokens"]
+__all__ = [
+    "TextOutput", "CausalTextTransformer", "HFTextTower", "build_text_tower", "pool_tokens", "real_token_mask",
+]
 
-_POOLS = ("eot", "mean", "first")
+_POOLS = ("eot", "mean", "first", "last")
 
 
 class TextOutput(NamedTuple):
@@ -37,19 +42,45 @@ class TextOutput(NamedTuple):
     tokens: Tensor
 
 
+def real_token_mask(tokens_BL: Tensor, *, eot_id: int | None, pad_id: int, bos_is_eot: bool = False) -> Tensor:
+    """[B, L] True for the real tokens: every position up to and including the first EOT.
+
+    Args:
+        tokens_BL: Right-padded token ids.
+        eot_id: End-of-text id. ``None`` (legacy callers): real = ``tokens != pad_id``.
+        pad_id: Padding id (used only without ``eot_id``).
+        bos_is_eot: Position 0 holds BOS with the same id as EOT (GPT-2 style): look for EOT after it.
+
+    A row without EOT (cannot come from :class:`vlp_core.data.tokenizer.Tokenizer`, which always ends the
+    real tokens with it) counts every position as real.
+    """
+    if eot_id is None:
+        return tokens_BL != pad_id
+    is_eot_BL = tokens_BL == eot_id
+    if bos_is_eot:
+        is_eot_BL[:, 0] = False
+    seq_len = tokens_BL.shape[1]
+    # argmax returns the first maximal index: the first EOT. No host sync.
+    first_B = torch.where(is_eot_BL.any(dim=1), is_eot_BL.to(torch.uint8).argmax(dim=1), seq_len - 1)
+    return torch.arange(seq_len, device=tokens_BL.device)[None, :] <= first_B[:, None]
+
+
 def pool_tokens(tokens_BLD: Tensor, mask_BL: Tensor, pool: str) -> Tensor:
     """Pool per-token features.
 
     Args:
         tokens_BLD: [B, L, D] features.
-        mask_BL: [B, L] True for real (non-pad) tokens, right-padded.
-        pool: ``"eot"`` (last real token), ``"mean"`` (masked mean) or ``"first"`` (position 0).
+        mask_BL: [B, L] True for real tokens (a prefix of each row: see :func:`real_token_mask`).
+        pool: ``"eot"`` (last real token: the EOT), ``"mean"`` (masked mean), ``"first"`` (position 0) or
+            ``"last"`` (position L - 1, whatever it holds).
 
     Returns:
         [B, D] pooled features.
     """
     if pool == "first":
         return tokens_BLD[:, 0]
+    if pool == "last":
+        return tokens_BLD[:, -1]
     mask_BL = mask_BL.to(torch.bool)
     if pool == "eot":
         # Right padding: the last real token sits at (count - 1). Clamp for an (invalid) all-pad row.
@@ -71,9 +102,15 @@ class CausalTextTransformer(nn.Module):
         depth: Number of blocks.
         heads: Attention heads.
         mlp_ratio: MLP hidden width as a multiple of D.
-        causal: Causal self-attention (CLIP). Non-causal uses a key-padding mask instead.
-        pad_id: Padding token id (defines the real-token mask).
-        pool: ``"eot"``, ``"mean"`` or ``"first"``.
+        causal: Causal self-attention (CLIP). Non-causal uses a key-padding mask instead (or none: see
+            ``mask_pads``).
+        pad_id: Padding token id (the real-token mask without ``eot_id`` only).
+        eot_id: End-of-text id: the real tokens end at its first occurrence (see the module docstring).
+        bos_is_eot: The tokenizer's BOS has the EOT id (then the search for EOT starts at position 1).
+        pool: ``"eot"``, ``"mean"``, ``"first"`` or ``"last"``.
+        mask_pads: Non-causal only: keep pads out of attention. ``False`` attends everywhere (SigLIP).
+        act: MLP activation (``"gelu"``, ``"quick_gelu"`` for OpenAI CLIP, ``"gelu_tanh"`` for SigLIP).
+        norm_eps: LayerNorm epsilon (CLIP 1e-5, SigLIP 1e-6).
     """
 
     def __init__(
@@ -87,7 +124,12 @@ class CausalTextTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         causal: bool = True,
         pad_id: int = 0,
+        eot_id: int | None = None,
+        bos_is_eot: bool = False,
         pool: str = "eot",
+        mask_pads: bool = True,
+        act: str = "gelu",
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if pool not in _POOLS:
@@ -102,14 +144,21 @@ class CausalTextTransformer(nn.Module):
         self.context_length = context_length
         self.width = width
         self.depth = depth
+        if eot_id is not None and not 0 <= eot_id < vocab_size:
+            raise ValueError(f"text eot_id {eot_id} is outside the vocabulary [0, {vocab_size})")
         self.causal = causal
         self.pad_id = pad_id
+        self.eot_id = eot_id
+        self.bos_is_eot = bos_is_eot
         self.pool = pool
+        self.mask_pads = mask_pads
         self.grad_checkpointing = False
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio=mlp_ratio) for _ in range(depth))
-        self.ln_final = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, heads, mlp_ratio=mlp_ratio, act=act, norm_eps=norm_eps) for _ in range(depth)
+        )
+        self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         self.init_weights()
 
     @torch.no_grad()
@@ -178,10 +227,11 @@ class CausalTextTransformer(nn.Module):
 
     def forward(self, tokens_BL: Tensor) -> TextOutput:
         """Encode right-padded token ids [B, L] into :class:`TextOutput`."""
-        real_BL = tokens_BL != self.pad_id
+        real_BL = real_token_mask(tokens_BL, eot_id=self.eot_id, pad_id=self.pad_id, bos_is_eot=self.bos_is_eot)
         # Causal: no mask at all (pads follow the real tokens and cannot affect them). Non-causal: the
-        # key-padding mask keeps pads out of every real token's attention.
-        mask = None if self.causal else real_BL
+        # key-padding mask keeps pads out of every real token's attention, unless the tower was trained
+        # attending to its pads (SigLIP).
+        mask = None if self.causal or not self.mask_pads else real_BL
         tokens_BLD = self.forward_embeds(self.embed_tokens(tokens_BL), attention_mask_BL=mask)
         return TextOutput(pooled=pool_tokens(tokens_BLD, real_BL, self.pool), tokens=tokens_BLD)
 
@@ -198,22 +248,38 @@ def _hidden_size(config: object) -> int:
     raise ValueError(f"cannot find the hidden size of {type(config).__name__}")
 
 
+def _find_layers(model: nn.Module) -> nn.ModuleList:
+    """The largest ModuleList of identical blocks in a transformers model (layers / h / block / layer)."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        uniform = isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
+        if uniform and (best is None or len(module) > len(best)):
+            best = module
+    if best is None:
+        raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+    return best
+
+
 class HFTextTower(nn.Module):
     """Any ``transformers`` AutoModel (encoder like BERT, or decoder like GPT-2/Llama) as a text tower.
 
-    Uses ``last_hidden_state`` (the encoder's, for encoder-decoder models) with ``attention_mask =
-    tokens != pad_id``. ``eot`` pooling (last real token) suits decoders with right padding, ``first`` suits
+    Uses ``last_hidden_state`` (the encoder's, for encoder-decoder models) with an attention mask over the
+    real tokens (up to the first EOT: see :func:`real_token_mask`; the EOT token itself is attended to even
+    when the tokenizer pads with EOT). ``eot`` pooling suits decoders with right padding, ``first`` suits
     encoders with a CLS token, ``mean`` suits either.
 
     Args:
         name_or_path: Local folder or hub name.
-        pool: ``"eot"``, ``"mean"`` or ``"first"``.
+        pool: ``"eot"``, ``"mean"``, ``"first"`` or ``"last"``.
         pad_id: Padding token id of the tokenizer used with this model.
+        eot_id: End-of-text id of that tokenizer (None: real tokens are the non-pad ones).
+        bos_is_eot: BOS has the EOT id.
         from_config: Build the architecture with random weights instead of loading them.
     """
 
     def __init__(
-        self, name_or_path: str, *, pool: str = "mean", pad_id: int, from_config: bool = False
+        self, name_or_path: str, *, pool: str = "mean", pad_id: int, eot_id: int | None = None,
+        bos_is_eot: bool = False, from_config: bool = False,
     ) -> None:
         super().__init__()
         if pool not in _POOLS:
@@ -229,15 +295,22 @@ class HFTextTower(nn.Module):
         self.model = model
         self.pool = pool
         self.pad_id = pad_id
+        self.eot_id = eot_id
+        self.bos_is_eot = bos_is_eot
         self.width: int = _hidden_size(model.config)
         self.vocab_size: int | None = getattr(model.config, "vocab_size", None)
 
     def forward(self, tokens_BL: Tensor) -> TextOutput:
         """Encode right-padded token ids [B, L] into :class:`TextOutput`."""
-        mask_BL = tokens_BL != self.pad_id
+        mask_BL = real_token_mask(tokens_BL, eot_id=self.eot_id, pad_id=self.pad_id, bos_is_eot=self.bos_is_eot)
         out = self.model(input_ids=tokens_BL, attention_mask=mask_BL.long())
         tokens_BLD = out.last_hidden_state
         return TextOutput(pooled=pool_tokens(tokens_BLD, mask_BL, self.pool), tokens=tokens_BLD)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer layers, in order (the unit that sharding and checkpointing wrap)."""
+        return _find_layers(self.model)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Toggle the model's own gradient checkpointing (non-reentrant)."""
@@ -247,7 +320,9 @@ class HFTextTower(nn.Module):
             self.model.gradient_checkpointing_disable()
 
 
-def build_text_tower(cfg: TextConfig, *, vocab_size: int, pad_id: int) -> CausalTextTransformer | HFTextTower:
+def build_text_tower(
+    cfg: TextConfig, *, vocab_size: int, pad_id: int, eot_id: int | None = None, bos_id: int | None = None
+) -> CausalTextTransformer | HFTextTower:
     """Build the text tower described by ``cfg``.
 
     ``kind='clip'``: a :class:`CausalTextTransformer` of the configured size. ``kind='hf'``: an
@@ -256,8 +331,11 @@ def build_text_tower(cfg: TextConfig, *, vocab_size: int, pad_id: int) -> Causal
 
     Args:
         cfg: Text configuration.
-        vocab_size: Tokenizer vocabulary size.
+        vocab_size: Tokenizer vocabulary size (``cfg.vocab_size``, when set, sizes the embedding instead and
+            must be at least this).
         pad_id: Tokenizer padding id.
+        eot_id: Tokenizer end-of-text id (where the real tokens end). None keeps the legacy pad-id mask.
+        bos_id: Tokenizer BOS id (only compared with ``eot_id``).
 
     Returns:
         The tower (``width`` attribute, ``forward(tokens_BL) -> TextOutput``).
@@ -266,6 +344,14 @@ def build_text_tower(cfg: TextConfig, *, vocab_size: int, pad_id: int) -> Causal
         ValueError: For inconsistent configurations.
     """
     cfg.validate()
+    if cfg.vocab_size:
+        if vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} ids but model.text.vocab_size is {cfg.vocab_size}: "
+                "use the model's own tokenizer"
+            )
+        vocab_size = cfg.vocab_size
+    bos_is_eot = bos_id is not None and bos_id == eot_id
     tower: CausalTextTransformer | HFTextTower
     if cfg.kind == "clip":
         tower = CausalTextTransformer(
@@ -277,10 +363,15 @@ def build_text_tower(cfg: TextConfig, *, vocab_size: int, pad_id: int) -> Causal
             mlp_ratio=cfg.mlp_ratio,
             causal=cfg.causal,
             pad_id=pad_id,
+            eot_id=eot_id,
+            bos_is_eot=bos_is_eot,
             pool=cfg.pool,
+            mask_pads=cfg.mask_pads,
+            act=cfg.act,
+            norm_eps=cfg.norm_eps,
         )
     elif cfg.kind == "hf":
-        tower = HFTextTower(cfg.hf_name, pool=cfg.pool, pad_id=pad_id)
+        tower = HFTextTower(cfg.hf_name, pool=cfg.pool, pad_id=pad_id, eot_id=eot_id, bos_is_eot=bos_is_eot)
         if tower.vocab_size is not None and vocab_size > tower.vocab_size:
             raise ValueError(
                 f"tokenizer vocabulary ({vocab_size}) is larger than {cfg.hf_name}'s ({tower.vocab_size}); "

@@ -1,4 +1,10 @@
-"""Vision tower: a timm ``VisionTransformer`` whose output is split into pooled, prefix and patch tokens.
+"""Vision tower: a timm ``VisionTransformer`` (or ``Eva``) whose output is split into pooled, prefix and patch
+tokens.
+
+The explicit build (no ``timm_name``) expresses, by config, the OpenAI/OpenCLIP ViT (``pre_norm`` = ln_pre,
+``act='quick_gelu'``, LayerNorm eps 1e-5, class token, ``norm`` = ln_post on every token) and the SigLIP ViT
+(no class token, ``act='gelu_tanh'``, eps 1e-6, ``pool='map'``: timm's ``AttentionPoolLatent`` is SigLIP's
+MAP head). With ``timm_name`` any timm ``VisionTransformer`` or ``Eva`` (EVA02, for LLM2CLIP) is wrapped.
 
 Shape legend:
     B: batch, C: image channels, H/W: image height/width (in ``images_BCHW``),
@@ -20,10 +26,12 @@ embedding depends on ``no_embed_class``:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import timm
 from timm.layers import PatchEmbed
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
@@ -35,7 +43,8 @@ __all__ = ["VisionOutput", "VisionTower", "build_vision_tower"]
 # Our pool names -> timm's ``global_pool``. We pool ourselves; passing the choice to timm keeps it from
 # building heads we would never call (an unused attention-pool head breaks DDP without
 # find_unused_parameters).
-_POOL_TO_TIMM = {"token": "token", "avg": "avg", "none": ""}
+_POOL_TO_TIMM = {"token": "token", "avg": "avg", "none": "", "map": "map"}
+_TRUNKS = (VisionTransformer, Eva)
 _TIMM_PRETRAINED = "timm"  # ``vision.pretrained`` value meaning "timm's own pretrained weights"
 
 
@@ -44,7 +53,8 @@ class VisionOutput(NamedTuple):
 
     Attributes:
         pooled: [B, D] image feature. ``pool='token'``: the class token. ``pool='avg'``: the mean of the
-            patch tokens (prefix tokens excluded). ``pool='none'``: the first prefix token (the class token
+            patch tokens (prefix tokens excluded). ``pool='map'``: the attention-pool head over all tokens.
+            ``pool='none'``: the first prefix token (the class token
             when there is one, else the first extra token), or the patch mean when there is no prefix.
         prefix: [B, P, D] prefix tokens: the class token (if any), then the ``extra_tokens`` learnable
             tokens. P may be 0.
@@ -57,22 +67,25 @@ class VisionOutput(NamedTuple):
 
 
 class VisionTower(nn.Module):
-    """Wraps a timm ``VisionTransformer`` (as ``self.trunk``).
+    """Wraps a timm ``VisionTransformer`` or ``Eva`` (as ``self.trunk``).
 
     Args:
-        trunk: The timm model, built with ``num_classes=0`` and ``fc_norm=False`` so that its
+        trunk: The timm model, built with ``num_classes=0`` (and, for a ViT, ``fc_norm=False``) so that its
             ``forward_features`` ends with the final norm applied to every token.
-        pool: ``"token"``, ``"avg"`` or ``"none"`` (see :class:`VisionOutput`).
+        pool: ``"token"``, ``"avg"``, ``"none"`` or ``"map"`` (see :class:`VisionOutput`).
     """
 
-    def __init__(self, trunk: VisionTransformer, *, pool: str = "token") -> None:
+    def __init__(self, trunk: VisionTransformer | Eva, *, pool: str = "token") -> None:
         super().__init__()
-        if not isinstance(trunk, VisionTransformer):
-            raise ValueError(f"the vision trunk must be a timm VisionTransformer, got {type(trunk).__name__}")
+        if not isinstance(trunk, _TRUNKS):
+            raise ValueError(f"the vision trunk must be a timm VisionTransformer or Eva, got {type(trunk).__name__}")
         if pool not in _POOL_TO_TIMM:
             raise ValueError(f"vision pool must be one of {list(_POOL_TO_TIMM)}, got {pool!r}")
-        if pool == "token" and not trunk.has_class_token:
+        has_class_token = getattr(trunk, "cls_token", None) is not None
+        if pool == "token" and not has_class_token:
             raise ValueError("vision.pool='token' needs a class token; use pool='avg' or enable class_token")
+        if pool == "map" and getattr(trunk, "attn_pool", None) is None:
+            raise ValueError("vision.pool='map' needs the trunk's attention-pool head (timm global_pool='map')")
         if not isinstance(trunk.fc_norm, nn.Identity):
             # timm normalises after pooling when fc_norm is on; move it to the per-token position so that
             # prefix and patch tokens are normalised too (same weights, applied before pooling).
@@ -109,14 +122,21 @@ class VisionTower(nn.Module):
         P = self.num_prefix_tokens
         prefix_BPD = tokens_BTD[:, :P]
         patches_BND = tokens_BTD[:, P:]
-        if self.pool == "avg" or (self.pool == "none" and P == 0):
+        if self.pool == "map":
+            pooled_BD = self.trunk.attn_pool(tokens_BTD)
+        elif self.pool == "avg" or (self.pool == "none" and P == 0):
             pooled_BD = patches_BND.mean(dim=1)
         else:  # "token" (class token is at position 0) or "none" with a prefix
             pooled_BD = prefix_BPD[:, 0]
         return VisionOutput(pooled=pooled_BD, prefix=prefix_BPD, patches=patches_BND)
 
+    @property
+    def blocks(self) -> nn.Module:
+        """The transformer blocks, in order: the unit that sharding and activation checkpointing wrap."""
+        return self.trunk.blocks
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass (timm's non-reentrant ``checkpoint_seq``)."""
+        """Recompute each block in the backward pass (timm's non-reentrant checkpointing)."""
         self.trunk.set_grad_checkpointing(enable)
 
 
@@ -127,8 +147,47 @@ def _load_local(tower: VisionTower, source: str) -> None:
         state_dict = select_prefix(state_dict, "trunk.")
     # timm's filter converts foreign layouts (OpenCLIP ``visual.trunk.``, big_vision, ...) and resamples
     # ``pos_embed`` / the patch kernel when the checkpoint was trained at another resolution.
-    state_dict = checkpoint_filter_fn(state_dict, tower.trunk)
+    if isinstance(tower.trunk, Eva):
+        from timm.models.eva import checkpoint_filter_fn as eva_filter
+
+        state_dict = eva_filter(state_dict, tower.trunk)
+    else:
+        state_dict = checkpoint_filter_fn(state_dict, tower.trunk)
     apply_state_dict(tower.trunk, state_dict, strict=True, source=source)
+
+
+def _create_named(cfg: VisionConfig, common: dict[str, Any], timm_pretrained: bool) -> VisionTransformer | Eva:
+    """``timm.create_model(cfg.timm_name, ...)`` for a ViT or Eva, with ``cfg.timm_kwargs`` on top."""
+    if timm_pretrained and cfg.extra_tokens:
+        # New register tokens change pos_embed's prefix rows; timm's loader cannot map old weights.
+        raise ValueError("vision.extra_tokens > 0 cannot be combined with vision.pretrained='timm'")
+    if not timm.is_model(cfg.timm_name):
+        raise ValueError(f"vision.timm_name {cfg.timm_name!r} is not a timm model")
+    family = timm.models.model_entrypoint(cfg.timm_name).__module__.rsplit(".", 1)[-1]
+    kwargs = dict(common)
+    if family == "eva":
+        if cfg.extra_tokens:
+            kwargs["num_reg_tokens"] = cfg.extra_tokens
+        kwargs["use_fc_norm"] = False  # final norm on every token
+    else:
+        if cfg.extra_tokens:
+            kwargs["reg_tokens"] = cfg.extra_tokens
+        kwargs["fc_norm"] = False
+    kwargs.update(cfg.timm_kwargs)
+    try:
+        trunk = timm.create_model(cfg.timm_name, pretrained=timm_pretrained, **kwargs)
+    except (AssertionError, TypeError) as e:
+        # timm asserts (token pooling without class token) or rejects kwargs a family does not take.
+        raise ValueError(
+            f"timm model {cfg.timm_name!r} cannot be built as a vision tower (vlp wraps timm VisionTransformer "
+            f"and Eva models): {e}"
+        ) from e
+    if not isinstance(trunk, _TRUNKS):
+        raise ValueError(
+            f"vision.timm_name {cfg.timm_name!r} builds a {type(trunk).__name__}, "
+            "not a timm VisionTransformer or Eva"
+        )
+    return trunk
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -158,11 +217,11 @@ class ConvStemPatchEmbed(PatchEmbed):
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     """Build the image tower described by ``cfg``.
 
-    ``cfg.timm_name`` non-empty: ``timm.create_model`` of that (VisionTransformer) architecture at
+    ``cfg.timm_name`` non-empty: ``timm.create_model`` of that (VisionTransformer or Eva) architecture at
     ``cfg.image_size`` with ``cfg.extra_tokens`` register tokens (when > 0; otherwise the model's own
-    register count is kept); the explicit size fields are ignored. Empty: a ``VisionTransformer`` from the
-    explicit fields. ``cfg.pretrained``: ``"timm"`` for timm's own weights (named models only; downloads),
-    else a local file/folder or hub id loaded through :mod:`vlp_core.models.pretrained`.
+    register count is kept) and ``cfg.timm_kwargs``; the explicit size fields are ignored. Empty: a
+    ``VisionTransformer`` from the explicit fields. ``cfg.pretrained``: ``"timm"`` for timm's own weights
+    (named models only; downloads), else a local file/folder or hub id loaded through :mod:`vlp_core.models.pretrained`.
 
     Args:
         cfg: Vision configuration.
@@ -181,37 +240,19 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     if cfg.pool == "token" and not cfg.class_token and not cfg.timm_name:
         raise ValueError("vision.pool='token' needs vision.class_token=true; use pool='avg' or 'none'")
     timm_pretrained = cfg.pretrained == _TIMM_PRETRAINED
-    common = dict(
+    common: dict[str, Any] = dict(
         num_classes=0,
         img_size=cfg.image_size,
         drop_path_rate=cfg.drop_path,
         global_pool=_POOL_TO_TIMM[cfg.pool],
-        # Final norm on every token (not after pooling), so prefix/patch tokens are normalised too.
-        fc_norm=False,
     )
     if cfg.timm_name:
-        if timm_pretrained and cfg.extra_tokens:
-            # New register tokens change pos_embed's prefix rows; timm's loader cannot map old weights.
-            raise ValueError("vision.extra_tokens > 0 cannot be combined with vision.pretrained='timm'")
-        if cfg.extra_tokens:
-            common["reg_tokens"] = cfg.extra_tokens
-        if not timm.is_model(cfg.timm_name):
-            raise ValueError(f"vision.timm_name {cfg.timm_name!r} is not a timm model")
-        try:
-            trunk = timm.create_model(cfg.timm_name, pretrained=timm_pretrained, **common)
-        except (AssertionError, TypeError) as e:
-            # timm asserts (token pooling without class token) or rejects ViT kwargs on other families.
-            raise ValueError(
-                f"timm model {cfg.timm_name!r} cannot be built as a VisionTransformer tower: {e}"
-            ) from e
-        if not isinstance(trunk, VisionTransformer):
-            raise ValueError(
-                f"vision.timm_name {cfg.timm_name!r} builds a {type(trunk).__name__}, "
-                "not a timm VisionTransformer"
-            )
+        trunk = _create_named(cfg, common, timm_pretrained)
     else:
         if timm_pretrained:
             raise ValueError("vision.pretrained='timm' needs vision.timm_name")
+        if cfg.timm_kwargs:
+            raise ValueError("vision.timm_kwargs applies to vision.timm_name models only; set the size fields")
         trunk = VisionTransformer(
             patch_size=cfg.patch_size,
             embed_dim=cfg.width,
@@ -221,7 +262,12 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
             class_token=cfg.class_token,
             reg_tokens=cfg.extra_tokens,
             no_embed_class=False,  # every prefix token gets its own learned position row
+            pre_norm=cfg.pre_norm,  # OpenAI's ln_pre; timm then drops the patch-embedding bias, as CLIP does
+            act_layer=cfg.act,
+            norm_layer=functools.partial(nn.LayerNorm, eps=cfg.norm_eps),
             embed_layer=ConvStemPatchEmbed if cfg.stem == "conv" else PatchEmbed,
+            # Final norm on every token (not after pooling), so prefix/patch tokens are normalised too.
+            fc_norm=False,
             **common,
         )
     tower = VisionTower(trunk, pool=cfg.pool)

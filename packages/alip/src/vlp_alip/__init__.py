@@ -21,7 +21,8 @@ __all__ = ["METHOD", "AlipConfig", "AlipAdapter", "AlipLoss", "AlipModel", "gate
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:
-    return AlipModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    return AlipModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, eot_id=tokenizer.eot_id,
+                     bos_id=tokenizer.bos_id)
 
 
 def build_loss(cfg: RunConfig) -> nn.Module:

@@ -26,6 +26,7 @@ __all__ = ["METHOD", "DreamLipConfig", "DreamLipAdapter", "DreamLipLoss", "Dream
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:
     return DreamLipModel(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                         eot_id=tokenizer.eot_id, bos_id=tokenizer.bos_id,
                          patch_features=cfg.loss.sgl_weight > 0)
 
 

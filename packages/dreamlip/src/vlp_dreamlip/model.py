@@ -24,8 +24,11 @@ class DreamLipModel(DualEncoder):
     Evaluation uses the inherited ``encode_image`` / ``encode_text``.
     """
 
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int, pad_id: int, patch_features: bool = True) -> None:
-        super().__init__(cfg, vocab_size=vocab_size, pad_id=pad_id)
+    def __init__(
+        self, cfg: ModelConfig, *, vocab_size: int, pad_id: int, eot_id: int | None = None, bos_id: int | None = None,
+        patch_features: bool = True,
+    ) -> None:
+        super().__init__(cfg, vocab_size=vocab_size, pad_id=pad_id, eot_id=eot_id, bos_id=bos_id)
         self.patch_features = patch_features
 
     def encode_image_patches(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,7 +104,7 @@ class LclAdapter:
     """Raw webdataset sample (pair or document) -> ``{"ids", "images", "has_context"}``; see module doc."""
 
     def __init__(self, tokenizer: Any, cfg: LclConfig, *, image_size: int, num_image_tokens: int,
-                 context_length: int, augment: bool = False) -> None:
+                 context_length: int, augment: bool = False, interpolation: str = "bilinear") -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.ids = SpecialIds.for_tokenizer(tokenizer)
@@ -118,7 +118,7 @@ class LclAdapter:
         self.keys = [k.strip() for k in cfg.caption_keys.split(",") if k.strip()]
         if not self.keys:
             raise ValueError("loss.caption_keys is empty")
-        self.transform = build_transform(image_size, train=True, augment=augment)
+        self.transform = build_transform(image_size, train=True, augment=augment, interpolation=interpolation)
         self.augment = augment
         # Ids that must never come from raw text: the tokenizer's own specials (a literal "[EOT]" or
         # "<|endoftext|>" in a web page would otherwise end the sequence early).

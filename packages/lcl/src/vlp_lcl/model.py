@@ -175,7 +175,8 @@ class LclModel(nn.Module):
         else:
             if not text.causal:
                 raise ValueError("LCL's language model must be causal: set model.text.causal=true")
-            tower = build_text_tower(text, vocab_size=vocab, pad_id=self.ids.pad)
+            tower = build_text_tower(text, vocab_size=vocab, pad_id=self.ids.pad, eot_id=self.ids.eot,
+                                     bos_id=self.ids.bos)
             assert isinstance(tower, CausalTextTransformer)
             self.lm = CoreCausalLM(tower)
         D = self.lm.width

@@ -32,7 +32,8 @@ def _llip_config(cfg: RunConfig) -> LlipConfig:
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:
-    return LlipModel(cfg.model, _llip_config(cfg), vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    return LlipModel(cfg.model, _llip_config(cfg), vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                     eot_id=tokenizer.eot_id, bos_id=tokenizer.bos_id)
 
 
 def build_loss(cfg: RunConfig) -> nn.Module:

@@ -89,13 +89,17 @@ class LlipModel(nn.Module):
     factorised variants: ``image_features`` [B, D] and ``text_features`` [B, D], as for SigLIP.
     """
 
-    def __init__(self, model_cfg: ModelConfig, llip: LlipConfig, *, vocab_size: int, pad_id: int) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, llip: LlipConfig, *, vocab_size: int, pad_id: int, eot_id: int | None = None,
+        bos_id: int | None = None,
+    ) -> None:
         super().__init__()
         llip.validate()
         check_model_config(model_cfg, llip)
         self.variant, self.tau, self.heads, self.chunk = llip.variant, llip.tau, llip.heads, llip.chunk
         self.visual = build_vision_tower(model_cfg.vision)
-        self.text = build_text_tower(model_cfg.text, vocab_size=vocab_size, pad_id=pad_id)
+        self.text = build_text_tower(model_cfg.text, vocab_size=vocab_size, pad_id=pad_id, eot_id=eot_id,
+                                     bos_id=bos_id)
         K, Wv, Wt, D = model_cfg.vision.extra_tokens, self.visual.width, self.text.width, model_cfg.embed_dim
         self.num_tokens, self.embed_dim = K, D
         trunk = self.visual.trunk

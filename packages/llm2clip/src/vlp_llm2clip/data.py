@@ -18,14 +18,15 @@ __all__ = ["EmbeddingAdapter", "CaptionTripleAdapter", "swap_negative"]
 class EmbeddingAdapter:
     """-> ``{"images", "text_emb" [B, E], "texts"}``: one caption key drawn per sample per visit (uniform)."""
 
-    def __init__(self, index: EmbeddingIndex, *, caption_keys: list[str], image_size: int, augment: bool = False):
+    def __init__(self, index: EmbeddingIndex, *, caption_keys: list[str], image_size: int, augment: bool = False,
+                 interpolation: str = "bilinear"):
         missing = [k for k in caption_keys if k not in index.caption_keys]
         if missing:
             raise ValueError(f"caption keys {missing} were not embedded in {index.folder} "
                              f"(it holds {index.caption_keys}); run llm2clip-embed with them")
         self.index = index
         self.keys = caption_keys
-        self.transform = build_transform(image_size, train=True, augment=augment)
+        self.transform = build_transform(image_size, train=True, augment=augment, interpolation=interpolation)
         self.augment = augment
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
