@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vlp_core.config import RunConfig, apply_overrides, dump_yaml, from_dict, load_yaml
+from vlp_core.config import RunConfig, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from vlp_core.method import MethodSpec
 
 __all__ = ["train_main", "eval_main", "build_config", "train_parser"]
@@ -26,6 +26,7 @@ _SHORTCUTS = {
     "lr": "optim.lr",
     "output_dir": "train.output_dir",
     "resume": "train.resume",
+    "init_from": "train.init_from",
     "workers": "data.workers",
     "precision": "train.precision",
     "eval_data": "eval.data",
@@ -44,6 +45,7 @@ def train_parser(method: MethodSpec) -> argparse.ArgumentParser:
         f"  {method.name}-train --train-data 'shards/{{00000..00999}}.tar' --batch-size 4096\n"
         f"  torchrun --nproc_per_node 8 $(which {method.name}-train) --preset <name>\n"
         f"  {method.name}-train --resume latest                   # continue the newest run exactly\n"
+        f"  {method.name}-train --preset <name> --init-from ViT-B-32.safetensors   # start from released weights\n"
         f"  {method.name}-train --set optim.lr=1e-3 --set model.vision.depth=6 --print-config",
     )
     p.add_argument("--preset", default=method.default_preset,
@@ -59,6 +61,8 @@ def train_parser(method: MethodSpec) -> argparse.ArgumentParser:
     p.add_argument("--lr", help="peak learning rate (optim.lr)")
     p.add_argument("--output-dir", help="run folder (train.output_dir); default runs/<method>-<preset>-<time>")
     p.add_argument("--resume", help="'latest' (newest checkpoint of the run folder) or a checkpoint path")
+    p.add_argument("--init-from", help="start the towers from these weights: a vlp checkpoint, or an OpenAI/"
+                   "OpenCLIP/Hugging Face/EVA checkpoint (see vlp-convert); fresh optimizer, step 0")
     p.add_argument("--workers", help="data loader workers per rank (data.workers)")
     p.add_argument("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--eval-data", help="folder holding eval/<set> folders (eval.data)")
@@ -129,7 +133,8 @@ def eval_main(method: MethodSpec, argv: list[str] | None = None) -> int:
         prog=f"{method.name}-eval",
         description="Zero-shot classification, retrieval and the compositional probe for a trained checkpoint, "
         "sharded over ranks under torchrun.")
-    p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
+    p.add_argument("checkpoint", help="a run folder (its newest checkpoint), a trainer checkpoint, a vlp "
+                   "checkpoint written by vlp-convert, or a released checkpoint vlp-convert reads")
     p.add_argument("--eval-data", help="folder holding eval/<set> folders (default: the run's shapes world)")
     p.add_argument("--imagefolder", help="an ImageFolder root to classify zero-shot as well")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -154,25 +159,49 @@ def eval_main(method: MethodSpec, argv: list[str] | None = None) -> int:
     return 0
 
 
+def _read_for_eval(method: MethodSpec, checkpoint: str) -> tuple[RunConfig, dict, int, Path]:
+    """(config, TrainStep state dict, step, run folder) of a trainer checkpoint, run folder or vlp file.
+
+    Trainer checkpoints (``step_*.pt``) are read as the trainer reads them (our own files in a run folder the
+    user names); any other file goes through the safe loader and the converter registry (``vlp-convert``'s
+    readers: a vlp ``.safetensors`` file, or a raw released checkpoint whose layout the keys tell).
+    """
+    from vlp_core.train.checkpoint import CheckpointManager
+
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and ((path / "checkpoints").is_dir() or any(path.glob("step_*.pt"))):
+        path = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest() \
+            or path
+    if not path.exists():
+        raise ValueError(f"checkpoint not found: {checkpoint}")
+    if path.is_file() and path.name.startswith("step_") and path.suffix == ".pt":
+        saved = CheckpointManager.load(path)
+        name = saved["config"].get("preset")
+        cfg = method.preset(name if name in method.presets else method.default_preset)
+        from_dict(cfg, saved["config"])
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return cfg, saved["model"], int(saved["step"]), run_dir
+    from vlp_core.train.init_from import read_converted
+
+    converted = read_converted(str(path))
+    if converted.config.method != method.name:
+        raise ValueError(f"{checkpoint} holds a '{converted.config.method}' model (layout {converted.layout}); "
+                         f"evaluate it with {converted.config.method}-eval, not {method.name}-eval")
+    cfg = method.preset(method.default_preset)
+    from_dict(cfg, to_dict(converted.config))
+    cfg.data.train_data = cfg.data.train_data or str(path)  # not the shapes world: never evaluate on it
+    return cfg, converted.state_dict, 0, path.parent if path.is_file() else path
+
+
 def _evaluate_checkpoint(method: MethodSpec, args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     from vlp_core.distributed import init_distributed
     from vlp_core.logging.writer import RunWriter
-    from vlp_core.train.checkpoint import CheckpointManager
     from vlp_core.train.loop import TrainStep
     from vlp_core.train.setup import build_parts, evaluate, resolve_world
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest() \
-            or path
-    if not path.is_file():
-        raise ValueError(f"checkpoint not found: {args.checkpoint}")
-    saved = CheckpointManager.load(path)
-    cfg = method.preset(saved["config"].get("preset", method.default_preset)
-                        if saved["config"].get("preset") in method.presets else method.default_preset)
-    from_dict(cfg, saved["config"])
+    cfg, state_dict, step, run_dir = _read_for_eval(method, args.checkpoint)
     if args.eval_data:
         cfg.eval.data = args.eval_data
     if args.imagefolder:
@@ -182,9 +211,9 @@ def _evaluate_checkpoint(method: MethodSpec, args: argparse.Namespace) -> dict[s
     world = resolve_world(cfg, info)
     parts = build_parts(cfg, method, world=world, device=info.device)
     step_module = TrainStep(parts.model, parts.loss)
-    step_module.load_state_dict(saved["model"])
+    step_module.load_state_dict(state_dict)
     step_module.to(info.device)
-    cfg.train.output_dir = str(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    cfg.train.output_dir = str(run_dir)
     writer = RunWriter(cfg.train.output_dir, enabled=False)
     with torch.no_grad():
-        return evaluate(cfg, method, parts, step_module, writer, saved["step"], info.device)
+        return evaluate(cfg, method, parts, step_module, writer, step, info.device)

@@ -163,6 +163,8 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = ""  # empty = runs/<method>-<preset>
     resume: str = ""  # "", "latest" or a checkpoint path
+    # Start the towers from these weights (any layout vlp-convert reads); fresh optimizer, step 0.
+    init_from: str = ""
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -178,7 +180,9 @@ class EvalConfig:
     zeroshot: str = "zeroshot_shape,zeroshot_color,zeroshot_color_shape"
     retrieval: str = "retrieval"
     compositional: str = "compositional"
-    imagefolder: str = ""  # an ImageFolder root for extra zero-shot classification
+    imagefolder: str = ""  # an ImageFolder root for extra zero-shot classification (ImageNet wnid folders too)
+    # CLIP_benchmark webdataset sets: folders joined with ',' (each optionally 'name=folder').
+    wds: str = ""
     batch_size: int = 256
     at_end: bool = True
 

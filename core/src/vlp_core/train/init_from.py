@@ -1,0 +1,133 @@
+"""``--init-from PATH``: start a run's towers from released or converted weights (fresh optimizer, step 0).
+
+The source is any checkpoint ``vlp-convert`` reads (a vlp checkpoint, a trainer checkpoint, or a raw
+OpenAI / OpenCLIP / Hugging Face / EVA / method-released file, converted on the fly; a layout whose
+architecture the keys cannot tell needs converting first with ``vlp-convert --arch``). What is loaded:
+
+- every **tower** of the run's model (``model.visual``, ``model.text``) that the source holds. A tower is
+  loaded whole or not at all: a key missing from the source, or a shape that differs, stops the run with
+  an error naming the keys (e.g. a Llip model with K mixture tokens cannot take a CLIP class-token ViT);
+- the **projections** (``model.image_proj``, ``model.text_proj``) and the loss module's learnable values
+  (``loss.*``: temperature, bias) where the source has the same key with the same shape;
+- nothing else: a method's own heads keep their initialisation. Towers the source lacks (e.g. the text
+  tower when starting from an image-only EVA checkpoint) stay as initialised. One log line lists both.
+
+Tower settings the weights were trained with (activation, LayerNorm epsilon, ln_pre, pooling) must match
+the run's config: a mismatch is an error that names the key to set, never a silent change of function.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from vlp_core.config import RunConfig, to_dict
+
+__all__ = ["init_from", "read_converted", "load_towers"]
+
+log = logging.getLogger("vlp")
+
+_TOWERS = ("model.visual.", "model.text.")
+_OPTIONAL = ("model.image_proj.", "model.text_proj.", "loss.")
+_SHOW = 5
+# Tower settings that change the function computed by the same weights.
+_MUST_MATCH = {
+    "model.visual.": ("vision", ("act", "pre_norm", "norm_eps", "pool", "timm_name", "image_size")),
+    "model.text.": ("text", ("kind", "act", "norm_eps", "causal", "mask_pads", "pool")),
+}
+
+
+def read_converted(path: str, arch: str | None = None):
+    """Any checkpoint ``vlp-convert`` reads, as a :class:`~vlp_core.convert.registry.Converted`."""
+    import vlp_core.convert  # noqa: F401  (registers the core readers)
+    from vlp_core.convert.registry import detect_reader
+    from vlp_core.convert.safe_load import read_source
+
+    source = read_source(path)
+    reader = detect_reader(source)
+    return reader.read(source, arch)
+
+
+def _listing(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def _check_settings(prefix: str, run_cfg: RunConfig, saved_cfg: Mapping[str, Any] | None, where: str) -> None:
+    if not saved_cfg:
+        return
+    section, fields = _MUST_MATCH[prefix]
+    mine = to_dict(getattr(run_cfg.model, section))
+    theirs = saved_cfg.get("model", {}).get(section, {})
+    for name in fields:
+        if name in theirs and theirs[name] != mine.get(name):
+            raise ValueError(
+                f"{where}: its {section} tower was trained with model.{section}.{name}={theirs[name]!r} but this "
+                f"run has {mine.get(name)!r}: set --set model.{section}.{name}={theirs[name]} (or use a preset "
+                "with the same tower)"
+            )
+
+
+def load_towers(
+    target: nn.Module, state_dict: Mapping[str, Tensor], *, where: str, run_cfg: RunConfig | None = None,
+    saved_cfg: Mapping[str, Any] | None = None,
+) -> dict[str, list[str]]:
+    """Copy the towers (whole), projections and loss values of ``state_dict`` into ``target`` (a TrainStep).
+
+    Returns:
+        ``{"loaded": [...], "kept": [...]}``: the parts loaded and the towers left at their initialisation.
+
+    Raises:
+        ValueError: A tower the source holds does not fit (missing keys or shapes), or its settings differ.
+    """
+    own = target.state_dict()
+    chosen: dict[str, Tensor] = {}
+    loaded, kept = [], []
+    for prefix in _TOWERS:
+        mine = [k for k in own if k.startswith(prefix)]
+        theirs = [k for k in state_dict if k.startswith(prefix)]
+        if not mine:
+            continue
+        if not theirs:
+            kept.append(prefix.rstrip("."))
+            continue
+        if run_cfg is not None:
+            _check_settings(prefix, run_cfg, saved_cfg, where)
+        missing = [k for k in mine if k not in state_dict]
+        unexpected = [k for k in theirs if k not in own]
+        shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in mine if k in state_dict and state_dict[k].shape != own[k].shape]
+        problems = [f"{label}: {_listing(keys)}" for label, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if keys]
+        if problems:
+            raise ValueError(f"cannot start {prefix.rstrip('.')} from {where}: " + "; ".join(problems))
+        chosen.update({k: state_dict[k] for k in mine})
+        loaded.append(prefix.rstrip("."))
+    for prefix in _OPTIONAL:
+        mine = [k for k in own if k.startswith(prefix)]
+        fits = [k for k in mine if k in state_dict and state_dict[k].shape == own[k].shape]
+        if mine and len(fits) == len(mine):
+            chosen.update({k: state_dict[k] for k in fits})
+            loaded.append(prefix.rstrip("."))
+    if not chosen:
+        raise ValueError(f"{where} holds no tower of this model (its keys look like: "
+                         f"{_listing(sorted(state_dict))})")
+    target.load_state_dict(chosen, strict=False)
+    return {"loaded": loaded, "kept": kept}
+
+
+def init_from(target: nn.Module, path: str, run_cfg: RunConfig) -> dict[str, list[str]]:
+    """Read ``path`` (any layout ``vlp-convert`` knows) and load its towers into ``target`` (a TrainStep)."""
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"--init-from: {path} does not exist")
+    converted = read_converted(str(Path(path).expanduser()))
+    saved_cfg = to_dict(converted.config) if converted.config is not None else None
+    where = f"{path} (layout {converted.layout})"
+    parts = load_towers(target, converted.state_dict, where=where, run_cfg=run_cfg, saved_cfg=saved_cfg)
+    log.info("initialised from %s: loaded %s; left at initialisation: %s", where,
+             ", ".join(parts["loaded"]), ", ".join(parts["kept"]) or "nothing")
+    return parts
