@@ -136,7 +136,9 @@ def eval_main(method: MethodSpec, argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a run folder (its newest checkpoint), a trainer checkpoint, a vlp "
                    "checkpoint written by vlp-convert, or a released checkpoint vlp-convert reads")
     p.add_argument("--eval-data", help="folder holding eval/<set> folders (default: the run's shapes world)")
-    p.add_argument("--imagefolder", help="an ImageFolder root to classify zero-shot as well")
+    p.add_argument("--imagefolder", help="an ImageFolder root to classify zero-shot as well (an ImageNet "
+                   "validation folder of wnid class folders uses the 1000 ImageNet names and 80 OpenAI templates)")
+    p.add_argument("--wds", help="CLIP_benchmark webdataset sets, comma-separated folders (eval.wds)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override eval.* keys, e.g. --set eval.zeroshot=zeroshot_shape")
     p.add_argument("--output", help="write the results as JSON here")
@@ -189,8 +191,8 @@ def _read_for_eval(method: MethodSpec, checkpoint: str) -> tuple[RunConfig, dict
                          f"evaluate it with {converted.config.method}-eval, not {method.name}-eval")
     cfg = method.preset(method.default_preset)
     from_dict(cfg, to_dict(converted.config))
-    cfg.data.train_data = cfg.data.train_data or str(path)  # not the shapes world: never evaluate on it
-    return cfg, converted.state_dict, 0, path.parent if path.is_file() else path
+    # Step -1 marks a checkpoint that did not come from a vlp run: it needs evaluation sets named.
+    return cfg, converted.state_dict, -1, path.parent if path.is_file() else path
 
 
 def _evaluate_checkpoint(method: MethodSpec, args: argparse.Namespace) -> dict[str, float]:
@@ -206,9 +208,18 @@ def _evaluate_checkpoint(method: MethodSpec, args: argparse.Namespace) -> dict[s
         cfg.eval.data = args.eval_data
     if args.imagefolder:
         cfg.eval.imagefolder = args.imagefolder
+    if args.wds:
+        cfg.eval.wds = args.wds
     apply_overrides(cfg, args.overrides)
+    if step < 0 and not (cfg.eval.data or cfg.eval.imagefolder or cfg.eval.wds):
+        raise ValueError(f"{args.checkpoint} brings no evaluation sets of its own: pass --imagefolder (e.g. an "
+                         "ImageNet validation folder), --wds (CLIP_benchmark sets) or --eval-data")
+    external, step = step < 0, max(step, 0)
     info = init_distributed()
-    world = resolve_world(cfg, info)
+    # A released/converted model was not trained on the shapes world: never generate or use it here.
+    world = None if external else resolve_world(cfg, info)
+    if external:
+        cfg.data.train_data = cfg.data.train_data or "(none: evaluation only)"
     parts = build_parts(cfg, method, world=world, device=info.device)
     step_module = TrainStep(parts.model, parts.loss)
     step_module.load_state_dict(state_dict)

@@ -137,13 +137,13 @@ def test_run_evaluation(tmp_path: Path, model: DummyModel, tokenizer) -> None:
     assert {
         "zeroshot_shape/top1",
         "zeroshot_color/top1",
-        "imagefolder/top1",
+        "imf/top1",
         "retrieval/i2t_R@1",
         "retrieval/mean_recall",
         "compositional/accuracy",
     } <= set(out)
     assert out["retrieval/skipped"] == 1 and out["zeroshot_shape/skipped"] == 0
-    assert out["imagefolder/n"] == 2 and out["compositional/n"] == 4
+    assert out["imf/n"] == 2 and out["compositional/n"] == 4
     assert len(lines) == 5
     # The same sets found through cfg.data pointing straight at the eval folder.
     cfg2 = EvalConfig(data=str(tmp_path / "eval"), zeroshot="zeroshot_color", retrieval="", compositional="")

@@ -22,6 +22,7 @@ def clip_train(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 
 def smoke_args(world: Path, out: Path, *extra: str, evaluate: bool = False) -> list[str]:
     return ["--preset", "smoke", "--set", f"data.world_dir={world}", "--output-dir", str(out),
+            "--set", f"model.text.tokenizer={world}/tokenizer.json",
             "--set", f"eval.at_end={evaluate}", "--set", "train.progress=false", *extra]
 
 

@@ -35,7 +35,7 @@ class ContrastiveObjective(nn.Module):
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:
     return DualEncoder(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                       eot_id=tokenizer.eot_id, bos_id=getattr(tokenizer, "bos_id", None))
+                       eot_id=getattr(tokenizer, "eot_id", None), bos_id=getattr(tokenizer, "bos_id", None))
 
 
 def build_loss(cfg: RunConfig) -> nn.Module:
@@ -44,7 +44,8 @@ def build_loss(cfg: RunConfig) -> nn.Module:
 
 def build_adapter(cfg: RunConfig, tokenizer: Any) -> ImageTextAdapter:
     return ImageTextAdapter(tokenizer, image_size=cfg.model.vision.image_size,
-                            caption_keys=cfg.loss.caption_keys, augment=cfg.data.augment)
+                            caption_keys=cfg.loss.caption_keys, augment=cfg.data.augment,
+                            interpolation=cfg.model.vision.interpolation)
 
 
 METHOD = MethodSpec(

@@ -52,24 +52,47 @@ def smoke() -> RunConfig:
 
 
 def vit_b32() -> RunConfig:
-    """OpenCLIP's ViT-B/32 on LAION-style shards (pass ``--train-data``): 224 px, 12x768 vision, 12x512 text."""
-    cfg = RunConfig(loss=ClipConfig())
-    v, t = cfg.model.vision, cfg.model.text
-    v.image_size, v.patch_size, v.width, v.depth, v.heads = 224, 32, 768, 12, 12
-    t.context_length, t.width, t.depth, t.heads = 77, 512, 12, 8
-    cfg.model.embed_dim = 512
+    """OpenCLIP's ``ViT-B-32`` on LAION-style shards (pass ``--train-data``), component for component.
+
+    Towers from :func:`vlp_core.convert.archs.openai_clip_config` (the converters' single source of truth):
+    224 px, patch 32, 12x768 image tower with ``ln_pre``, exact GELU (OpenCLIP's ``ViT-B-32``; OpenAI's
+    weights are ``ViT-B-32-quickgelu``), LayerNorm eps 1e-5, class-token pooling, bicubic resizing, CLIP
+    mean/std; causal 12x512 text tower (8 heads), 77 tokens of OpenAI's BPE (``clip-bpe``), first-EOT
+    pooling; bias-free projections to 512; learnable temperature. 151,277,313 parameters (model + loss),
+    as ``open_clip.create_model("ViT-B-32")``.
+    """
+    from vlp_core.convert.archs import openai_clip_config
+
+    cfg = openai_clip_config()  # ViT-B-32, act "gelu"
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = 5e-4, 0.2, 2000
     cfg.train.steps, cfg.train.batch_size, cfg.train.save_every = 100_000, 32768, 1000
     cfg.data.workers, cfg.data.resampled, cfg.data.augment = 8, True, True
     return cfg
 
 
+SIGLIP_MEAN_STD = [0.5, 0.5, 0.5]
+
+
 def siglip_b16() -> RunConfig:
+    """SigLIP B/16 at 224 px, as Hugging Face ``SiglipModel`` (``google/siglip-base-patch16-224``).
+
+    Image tower: 12x768 ViT, patch 16, no class token, ``gelu_tanh``, LayerNorm eps 1e-6, MAP
+    (attention-pool) head, no projection (embedding = the 768-d pooled feature). Text tower: 64 tokens of
+    SigLIP's 32,000-id sentencepiece (``google/siglip-base-patch16-224``: needs the hub or a local copy of
+    it), 12x768, 12 heads, bidirectional and attending to its pads, last-position pooling, ``gelu_tanh``,
+    eps 1e-6, a linear head with bias. Images resized bilinearly, mean = std = 0.5. Sigmoid loss with
+    learnable scale (log 10) and bias (-10). 203,156,482 parameters (model + loss), as ``SiglipModel``.
+    """
     cfg = vit_b32()
-    cfg.model.vision.patch_size = 16
-    cfg.model.text.context_length = 64
-    cfg.model.embed_dim = 768
-    cfg.loss.kind = "siglip"
+    cfg.loss = ClipConfig(kind="siglip")
+    v, t = cfg.model.vision, cfg.model.text
+    v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio = 224, 16, 768, 12, 12, 4.0
+    v.class_token, v.extra_tokens, v.pool, v.act, v.pre_norm, v.norm_eps = False, 0, "map", "gelu_tanh", False, 1e-6
+    v.image_mean, v.image_std, v.interpolation = list(SIGLIP_MEAN_STD), list(SIGLIP_MEAN_STD), "bilinear"
+    t.kind, t.tokenizer, t.vocab_size, t.context_length = "clip", "google/siglip-base-patch16-224", 32000, 64
+    t.width, t.depth, t.heads, t.mlp_ratio = 768, 12, 12, 4.0
+    t.causal, t.mask_pads, t.pool, t.act, t.norm_eps = False, False, "last", "gelu_tanh", 1e-6
+    cfg.model.embed_dim, cfg.model.image_proj, cfg.model.text_proj = 768, "none", "linear_bias"
     return cfg
 
 

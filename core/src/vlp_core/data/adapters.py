@@ -78,14 +78,19 @@ def read_image(sample: dict[str, Any], transform) -> torch.Tensor:
 
 
 class ImageTextAdapter:
-    """One image and one caption per sample -> ``{"images": uint8 [B,3,S,S], "tokens": [B,L], "texts"}``."""
+    """One image and one caption per sample -> ``{"images": uint8 [B,3,S,S], "tokens": [B,L], "texts"}``.
 
-    def __init__(self, tokenizer: Any, *, image_size: int, caption_keys: str = "txt", augment: bool = False):
+    ``interpolation`` (``model.vision.interpolation``: "bilinear" or "bicubic") is the resize mode of the
+    image transform; normalisation happens later, on the device (``prepare_images``).
+    """
+
+    def __init__(self, tokenizer: Any, *, image_size: int, caption_keys: str = "txt", augment: bool = False,
+                 interpolation: str = "bilinear"):
         self.tokenizer = tokenizer
         self.keys = [k.strip() for k in caption_keys.split(",") if k.strip()]
         if not self.keys:
             raise ValueError("caption_keys is empty")
-        self.transform = build_transform(image_size, train=True, augment=augment)
+        self.transform = build_transform(image_size, train=True, augment=augment, interpolation=interpolation)
         self.augment = augment
 
     def rng(self, sample: dict[str, Any]) -> random.Random:

@@ -9,11 +9,11 @@ tie is a miss, so a model that cannot tell the two captions apart scores 0 %, no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from vlp_core.data.transforms import prepare_images
+from vlp_core.data.transforms import CLIP_MEAN, CLIP_STD, prepare_images
 from vlp_core.eval.datasets import iter_image_batches
 from vlp_core.eval.scorer import all_reduce_sum, autocast_for, evaluating, to_float
 from vlp_core.method import Scorer
@@ -56,6 +56,8 @@ def compositional_eval(
     device: torch.device | str,
     batch_size: int = 256,
     dtype: torch.dtype = torch.float32,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ) -> dict[str, float]:
     """Compositional accuracy on this rank's share of ``samples``, reduced over ranks.
 
@@ -66,6 +68,7 @@ def compositional_eval(
         device: Where states and scores are computed.
         batch_size: Largest image batch.
         dtype: ``torch.bfloat16``/``float16`` run the towers under autocast.
+        mean, std: Per-channel image statistics in [0, 1] units (``model.vision.image_mean``/``image_std``).
 
     Returns:
         ``{"accuracy": %, "n": images}``; NaN accuracy when ``n == 0``.
@@ -75,7 +78,8 @@ def compositional_eval(
     with evaluating(scorer):
         for images_BCHW, positives, negatives in iter_image_batches(samples, batch_size):
             with autocast_for(device, dtype):
-                img_states = to_float(scorer.image_states(prepare_images(images_BCHW, device)))
+                images = prepare_images(images_BCHW, device, mean=mean, std=std)
+                img_states = to_float(scorer.image_states(images))
             pos_B, neg_B = pair_scores(
                 scorer, img_states, positives, negatives, tokenizer, device=device, dtype=dtype
             )

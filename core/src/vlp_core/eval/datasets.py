@@ -3,7 +3,8 @@
 Shape legend:
     B: batch of images    H, W: image height and width (both ``image_size`` after the transform)
 
-Every reader is a plain re-iterable (no DataLoader: decoding a thousand small JPEGs is quick) yielding
+Every reader takes the image side and the resize ``interpolation`` (``model.vision.image_size`` and
+``interpolation``) and is a plain re-iterable (no DataLoader: decoding a thousand small JPEGs is quick) yielding
 ``(images_uint8_BCHW, *fields)`` for this rank's share: the samples whose position in the whole set
 (all samples of all shards, shards in sorted order) is ``rank`` modulo ``world_size``. Undecodable images
 and samples with unreadable metadata are skipped and counted in :attr:`ImageBatches.skipped`.
@@ -22,6 +23,7 @@ import torch
 
 from vlp_core.data.tario import CorruptShard, iter_samples
 from vlp_core.data.transforms import ImageDecodeError, build_transform, decode_image
+from vlp_core.eval.imagenet import imagenet_classnames, imagenet_index, imagenet_templates, is_imagenet_wnid_set
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -29,6 +31,8 @@ __all__ = [
     "ImageBatches",
     "load_zeroshot_shards",
     "load_imagefolder",
+    "imagefolder_set_name",
+    "normalize_templates",
     "load_retrieval_shards",
     "load_compositional_shards",
     "iter_image_batches",
@@ -60,15 +64,22 @@ class ImageBatches:
         image_size: Output side ``S`` of ``build_transform``.
         batch_size: Images per batch (the last one may be smaller).
         name: For log messages.
+        interpolation: Resize mode of ``build_transform`` ("bilinear" or "bicubic").
     """
 
     def __init__(
-        self, raw_items: Callable[[], Iterator[RawItem]], *, image_size: int, batch_size: int, name: str
+        self,
+        raw_items: Callable[[], Iterator[RawItem]],
+        *,
+        image_size: int,
+        batch_size: int,
+        name: str,
+        interpolation: str = "bilinear",
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self._raw_items = raw_items
-        self._transform = build_transform(image_size)
+        self._transform = build_transform(image_size, interpolation=interpolation)
         self.batch_size = batch_size
         self.name = name
         # Skipped samples of the most recent full pass (reset at the start of each pass).
@@ -156,19 +167,82 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"cannot read {path}: {e}") from e
 
 
+def normalize_templates(templates: Iterable[Any], where: str | Path) -> list[str]:
+    """Templates with a ``{}`` placeholder; CLIP_benchmark's ``{c}`` is accepted and rewritten to ``{}``.
+
+    Raises:
+        ValueError: A template is not a string, has no placeholder, or does not format (stray braces).
+    """
+    out = []
+    for t in templates:
+        if not isinstance(t, str) or ("{}" not in t and "{c}" not in t):
+            raise ValueError(f"every template in {where} must be a string with a '{{}}' or '{{c}}' placeholder, "
+                             f"got {t!r}")
+        t = t.replace("{c}", "{}")
+        try:
+            t.format("x")
+        except (IndexError, KeyError, ValueError):
+            raise ValueError(f"template {t!r} in {where} does not format: escape literal braces as '{{{{'") from None
+        out.append(t)
+    if not out:
+        raise ValueError(f"no templates in {where}")
+    return out
+
+
 def _templates_from(meta: dict[str, Any], path: Path) -> list[str]:
-    templates = meta.get("templates") or DEFAULT_TEMPLATES
-    if not all(isinstance(t, str) and "{}" in t for t in templates):
-        raise ValueError(f"every template in {path} must be a string with a '{{}}' placeholder")
-    return list(templates)
+    return normalize_templates(meta.get("templates") or DEFAULT_TEMPLATES, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Zero-shot classification
 
 
+def labelled_shard_batches(
+    urls: list[str],
+    num_classes: int,
+    classes_file: str | Path,
+    *,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 256,
+    interpolation: str = "bilinear",
+    name: str = "",
+) -> ImageBatches:
+    """Batches ``(images_uint8_BCHW, labels_B)`` of shards whose samples hold an image and a ``cls`` member
+    (the class index as ASCII text); a label outside ``num_classes`` (listed in ``classes_file``) is an error."""
+
+    def raw_items() -> Iterator[RawItem]:
+        for _, sample in _own_samples(urls, rank, world_size):
+            data = _image_bytes(sample)
+            try:
+                label = int(sample["cls"].decode("ascii").strip())
+            except (KeyError, UnicodeDecodeError, ValueError):
+                label = None
+            if data is None or label is None:
+                yield None
+                continue
+            if not 0 <= label < num_classes:
+                # A label beyond the class list means the shards and the class list do not belong together.
+                raise ValueError(
+                    f"label {label} of sample {sample['__key__']} in {sample['__url__']} is outside the "
+                    f"{num_classes} classes of {classes_file}"
+                )
+            yield data, (label,)
+
+    return ImageBatches(
+        raw_items, image_size=image_size, batch_size=batch_size, name=name, interpolation=interpolation
+    )
+
+
 def load_zeroshot_shards(
-    folder: str | Path, *, image_size: int, rank: int = 0, world_size: int = 1, batch_size: int = 256
+    folder: str | Path,
+    *,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 256,
+    interpolation: str = "bilinear",
 ) -> tuple[ImageBatches, list[str], list[str]]:
     """Zero-shot shards (members ``jpg`` + ``cls``) and their ``classes.json``.
 
@@ -185,49 +259,62 @@ def load_zeroshot_shards(
     if not classnames or not all(isinstance(c, str) for c in classnames):
         raise ValueError(f"{meta_path} needs a non-empty list of strings under 'classnames'")
     templates = _templates_from(meta, meta_path)
-    num_classes = len(classnames)
-
-    def raw_items() -> Iterator[RawItem]:
-        for _, sample in _own_samples(urls, rank, world_size):
-            data = _image_bytes(sample)
-            try:
-                label = int(sample["cls"].decode("ascii").strip())
-            except (KeyError, UnicodeDecodeError, ValueError):
-                label = None
-            if data is None or label is None:
-                yield None
-                continue
-            if not 0 <= label < num_classes:
-                # A label beyond classes.json means the shards and the class list do not belong together.
-                raise ValueError(
-                    f"label {label} of sample {sample['__key__']} in {sample['__url__']} is outside the "
-                    f"{num_classes} classes of {meta_path}"
-                )
-            yield data, (label,)
-
-    batches = ImageBatches(raw_items, image_size=image_size, batch_size=batch_size, name=str(folder))
+    batches = labelled_shard_batches(
+        urls, len(classnames), meta_path, image_size=image_size, rank=rank, world_size=world_size,
+        batch_size=batch_size, interpolation=interpolation, name=str(folder),
+    )
     return batches, list(classnames), templates
 
 
-def load_imagefolder(
-    root: str | Path, *, image_size: int, rank: int = 0, world_size: int = 1, batch_size: int = 256
-) -> tuple[ImageBatches, list[str], list[str]]:
-    """An ImageFolder root: one subfolder per class (sorted; ``_`` in the name becomes a space).
-
-    Templates come from ``classes.json`` at the root when present (key ``templates``), else
-    :data:`DEFAULT_TEMPLATES`.
-
-    Returns:
-        ``(batches of (images_uint8_BCHW, labels_B), classnames, templates)``.
-    """
-    root = Path(root)
+def _class_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise ValueError(f"ImageFolder root not found: {root}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise ValueError(f"ImageFolder root {root} has no class subfolders")
+    return class_dirs
+
+
+_SPLIT_NAMES = {"val", "validation", "test", "train", "eval"}
+
+
+def imagefolder_set_name(root: str | Path) -> str:
+    """Result name of an ImageFolder: ``imagenet`` when its class folders are ImageNet-1k wnids, else the
+    folder's name (prefixed by its parent's for a bare split name: ``imagenette/val`` -> ``imagenette_val``)."""
+    root = Path(root).resolve()
+    if is_imagenet_wnid_set(p.name for p in _class_dirs(root)):
+        return "imagenet"
+    name = root.name
+    if name.lower() in _SPLIT_NAMES and root.parent.name:
+        name = f"{root.parent.name}_{name}"
+    return name
+
+
+def load_imagefolder(
+    root: str | Path,
+    *,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 256,
+    interpolation: str = "bilinear",
+) -> tuple[ImageBatches, list[str], list[str]]:
+    """An ImageFolder root: one subfolder per class (sorted; ``_`` in the name becomes a space).
+
+    A root whose class folders are all ImageNet-1k WordNet ids (``n01440764``, ...; any subset of them) is
+    ImageNet: the classes are all 1000 ImageNet classes with OpenAI's names, a folder's label its standard
+    class index, and the templates OpenAI's 80. Templates come from ``classes.json`` at the root when present
+    (key ``templates``), else OpenAI's (ImageNet) or :data:`DEFAULT_TEMPLATES`.
+
+    Returns:
+        ``(batches of (images_uint8_BCHW, labels_B), classnames, templates)``.
+    """
+    root = Path(root)
+    class_dirs = _class_dirs(root)
+    imagenet = is_imagenet_wnid_set(p.name for p in class_dirs)
+    labels = [imagenet_index(p.name) for p in class_dirs] if imagenet else list(range(len(class_dirs)))
     files: list[tuple[Path, int]] = []
-    for label, class_dir in enumerate(class_dirs):
+    for label, class_dir in zip(labels, class_dirs):
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames.sort()  # deterministic walk order, so every rank enumerates the same list
             for fname in sorted(filenames):
@@ -235,11 +322,16 @@ def load_imagefolder(
                     files.append((Path(dirpath) / fname, label))
     if not files:
         raise ValueError(f"ImageFolder root {root} has no image files")
-    classnames = [p.name.replace("_", " ") for p in class_dirs]
+    if imagenet:
+        classnames, templates = imagenet_classnames(), imagenet_templates()
+    else:
+        classnames, templates = [p.name.replace("_", " ") for p in class_dirs], list(DEFAULT_TEMPLATES)
     meta_path = root / "classes.json"
-    templates = (
-        _templates_from(_read_json(meta_path), meta_path) if meta_path.is_file() else DEFAULT_TEMPLATES
-    )
+    if meta_path.is_file():
+        meta = _read_json(meta_path)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path} must hold a JSON object (key 'templates')")
+        templates = normalize_templates(meta.get("templates") or templates, meta_path)
     _check_rank(rank, world_size)
 
     def raw_items() -> Iterator[RawItem]:
@@ -252,7 +344,9 @@ def load_imagefolder(
                 continue
             yield data, (label,)
 
-    batches = ImageBatches(raw_items, image_size=image_size, batch_size=batch_size, name=str(root))
+    batches = ImageBatches(
+        raw_items, image_size=image_size, batch_size=batch_size, name=str(root), interpolation=interpolation
+    )
     return batches, classnames, list(templates)
 
 
@@ -271,27 +365,27 @@ def _parse_captions(sample: dict[str, Any]) -> list[str] | None:
     return captions
 
 
-def load_retrieval_shards(
-    folder: str | Path, *, image_size: int, rank: int = 0, world_size: int = 1, batch_size: int = 256
+def retrieval_batches(
+    urls: list[str],
+    parse_captions: Callable[[dict[str, Any]], list[str] | None],
+    *,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 256,
+    interpolation: str = "bilinear",
+    name: str = "",
 ) -> tuple[ImageBatches, list[str], torch.Tensor]:
-    """Retrieval shards (members ``jpg`` + ``json`` ``{"captions": [...]}``).
+    """Image batches, captions and ``caption_to_image`` of retrieval shards; see :func:`load_retrieval_shards`.
 
-    Every rank reads all captions (a first pass over the shards; the image side streams lazily in a
-    second one) so caption ids are global and identical on all ranks. An image's id is its sample
-    position in the whole set.
-
-    Returns:
-        ``(batches of (images_uint8_BCHW, image_ids_B), captions, caption_to_image)`` where
-        ``caption_to_image[m]`` is the image id of caption ``m`` (LongTensor ``[M]``).
+    ``parse_captions(sample)`` returns the sample's captions, or ``None`` for a malformed sample (skipped).
     """
-    folder = Path(folder)
-    urls = _shard_urls(folder, "retrieval")
     _check_rank(rank, world_size)
     captions: list[str] = []
     owners: list[int] = []
     valid: list[bool] = []
     for pos, sample in enumerate(_iter_all_samples(urls)):
-        caps = _parse_captions(sample)
+        caps = parse_captions(sample)
         ok = caps is not None and _image_bytes(sample) is not None
         valid.append(ok)
         if ok:
@@ -309,8 +403,37 @@ def load_retrieval_shards(
                 continue
             yield data, (pos,)
 
-    batches = ImageBatches(raw_items, image_size=image_size, batch_size=batch_size, name=str(folder))
+    batches = ImageBatches(
+        raw_items, image_size=image_size, batch_size=batch_size, name=name, interpolation=interpolation
+    )
     return batches, captions, caption_to_image
+
+
+def load_retrieval_shards(
+    folder: str | Path,
+    *,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 256,
+    interpolation: str = "bilinear",
+) -> tuple[ImageBatches, list[str], torch.Tensor]:
+    """Retrieval shards (members ``jpg`` + ``json`` ``{"captions": [...]}``).
+
+    Every rank reads all captions (a first pass over the shards; the image side streams lazily in a
+    second one) so caption ids are global and identical on all ranks. An image's id is its sample
+    position in the whole set.
+
+    Returns:
+        ``(batches of (images_uint8_BCHW, image_ids_B), captions, caption_to_image)`` where
+        ``caption_to_image[m]`` is the image id of caption ``m`` (LongTensor ``[M]``).
+    """
+    folder = Path(folder)
+    urls = _shard_urls(folder, "retrieval")
+    return retrieval_batches(
+        urls, _parse_captions, image_size=image_size, rank=rank, world_size=world_size, batch_size=batch_size,
+        interpolation=interpolation, name=str(folder),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,7 +441,13 @@ def load_retrieval_shards(
 
 
 def load_compositional_shards(
-    folder: str | Path, *, image_size: int, rank: int = 0, world_size: int = 1, batch_size: int = 256
+    folder: str | Path,
+    *,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 256,
+    interpolation: str = "bilinear",
 ) -> ImageBatches:
     """Compositional probe shards (members ``jpg`` + ``json`` ``{"positive": str, "negative": str}``).
 
@@ -341,7 +470,9 @@ def load_compositional_shards(
                 continue
             yield data, (pos, neg)
 
-    return ImageBatches(raw_items, image_size=image_size, batch_size=batch_size, name=str(folder))
+    return ImageBatches(
+        raw_items, image_size=image_size, batch_size=batch_size, name=str(folder), interpolation=interpolation
+    )
 
 
 def iter_image_batches(batches: Iterable[tuple[Any, ...]], max_batch: int) -> Iterator[tuple[Any, ...]]:

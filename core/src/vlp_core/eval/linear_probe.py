@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp_core.data.transforms import CLIP_MEAN, CLIP_STD, prepare_images
 from vlp_core.eval.scorer import all_gather_rows, dist_rank_world
 
 __all__ = ["vit_features", "fit_linear_probe", "extract_features", "linear_probe_eval", "run_linear_probe"]
@@ -76,18 +77,18 @@ def fit_linear_probe(x_NF: torch.Tensor, y_N: torch.Tensor, num_classes: int, *,
 
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[Any, ...]], *,
-                     device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device | str, mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of the whole set on every rank, in sample-position order.
 
     ``batches`` yield ``(images_uint8_BCHW, labels_B)`` for this rank's share (positions ``rank`` modulo
     ``world_size``, as the zero-shot readers produce); an undecodable sample shifts the positions after it.
+    Images are normalised with ``mean``/``std`` ([0, 1] units, ``model.vision.image_mean``/``image_std``).
     """
-    from vlp_core.data.transforms import prepare_images
-
     rank, world = dist_rank_world()
     feats, labels = [], []
     for images, y in batches:
-        feats.append(feature_fn(prepare_images(images, torch.device(device))).double().cpu())
+        feats.append(feature_fn(prepare_images(images, torch.device(device), mean=mean, std=std)).double().cpu())
         labels.append(y.cpu())
     x = torch.cat(feats) if feats else None
     yy = torch.cat(labels) if labels else None
@@ -119,16 +120,21 @@ def linear_probe_eval(x_NF: torch.Tensor, y_N: torch.Tensor, num_classes: int, *
 
 def run_linear_probe(feature_fn: Callable[[torch.Tensor], torch.Tensor], eval_dir: str | Path, sets: list[str], *,
                      image_size: int, device: torch.device | str, batch_size: int = 256, test_every: int = 3,
-                     weight_decay: float = 1e-3) -> dict[str, float]:
-    """Linear probe on each zero-shot set (``eval_dir/<set>``, labelled by ``cls``): ``"<set>/probe_top1"``..."""
+                     weight_decay: float = 1e-3, interpolation: str = "bilinear", mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> dict[str, float]:
+    """Linear probe on each zero-shot set (``eval_dir/<set>``, labelled by ``cls``): ``"<set>/probe_top1"``...
+
+    ``interpolation``, ``mean`` and ``std`` are the tower's preprocessing (``model.vision``).
+    """
     from vlp_core.eval.datasets import load_zeroshot_shards
 
     rank, world = dist_rank_world()
     results: dict[str, float] = {}
     for name in sets:
         batches, classnames, _ = load_zeroshot_shards(Path(eval_dir) / name, image_size=image_size, rank=rank,
-                                                      world_size=world, batch_size=batch_size)
-        x, y = extract_features(feature_fn, batches, device=device)
+                                                      world_size=world, batch_size=batch_size,
+                                                      interpolation=interpolation)
+        x, y = extract_features(feature_fn, batches, device=device, mean=mean, std=std)
         metrics = linear_probe_eval(x, y, len(classnames), test_every=test_every, weight_decay=weight_decay)
         results.update({f"{name}/probe_{k}": v for k, v in metrics.items()})
     return results
@@ -172,7 +178,7 @@ def _probe_run(args: argparse.Namespace) -> dict[str, float]:
     from vlp_core.eval.runner import eval_dir_for, split_names
     from vlp_core.train.checkpoint import CheckpointManager
     from vlp_core.train.loop import TrainStep
-    from vlp_core.train.setup import load_tokenizer
+    from vlp_core.train.setup import load_tokenizer, uses_world
 
     method = _load_method(args.method)
     path = Path(args.run)
@@ -184,16 +190,21 @@ def _probe_run(args: argparse.Namespace) -> dict[str, float]:
     preset = saved["config"].get("preset")
     cfg = method.preset(preset if preset in method.presets else method.default_preset)
     from_dict(cfg, saved["config"])
-    world = ensure_world(cfg.data)
+    cfg.eval.data = args.eval_data or cfg.eval.data
+    # The shapes world only for a run that trained on it; other runs probe the sets of --eval-data.
+    world = ensure_world(cfg.data) if uses_world(cfg) else None
+    if world is None and not cfg.eval.data:
+        raise ValueError(f"{args.run} was not trained on the shapes world: pass --eval-data (a folder with eval/<set>)")
     model = method.build_model(cfg, load_tokenizer(cfg, world))
     TrainStep(model, method.build_loss(cfg)).load_state_dict(saved["model"])
     tower = getattr(model, args.tower, None)
     if not isinstance(tower, nn.Module):
         raise ValueError(f"the {args.method} model has no image tower at .{args.tower}")
     tower.eval()
-    cfg.eval.data = args.eval_data or cfg.eval.data
+    v = cfg.model.vision
     return run_linear_probe(vit_features(tower), eval_dir_for(cfg.eval, world), split_names(args.sets),
-                            image_size=cfg.model.vision.image_size, device="cpu")
+                            image_size=v.image_size, device="cpu", interpolation=v.interpolation,
+                            mean=v.image_mean, std=v.image_std)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from vlp_core.data.transforms import prepare_images
+from vlp_core.data.transforms import CLIP_MEAN, CLIP_STD, prepare_images
 from vlp_core.eval.datasets import iter_image_batches
 from vlp_core.eval.scorer import (
     ScoreFn,
@@ -204,6 +204,8 @@ def retrieval_eval(
     dtype: torch.dtype = torch.float32,
     chunk_size: int = 1024,
     ks: Sequence[int] = KS,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ) -> dict[str, float]:
     """Image<->text Recall@K of ``scorer``; sharded over ranks when a process group is initialised.
 
@@ -219,6 +221,7 @@ def retrieval_eval(
         dtype: ``torch.bfloat16``/``float16`` run the towers under autocast.
         chunk_size: Side of the score blocks.
         ks: Recall cut-offs.
+        mean, std: Per-channel image statistics in [0, 1] units (``model.vision.image_mean``/``image_std``).
 
     Returns:
         See :func:`retrieval_metrics_from_states`.
@@ -230,7 +233,8 @@ def retrieval_eval(
         states, ids = [], []
         for images_BCHW, ids_B in iter_image_batches(images, batch_size):
             with autocast_for(device, dtype):
-                states.append(to_float(scorer.image_states(prepare_images(images_BCHW, device))))
+                images = prepare_images(images_BCHW, device, mean=mean, std=std)
+                states.append(to_float(scorer.image_states(images)))
             ids.append(ids_B.to(device))
         image_states = all_gather_rows(torch.cat(states) if states else None, device)
         image_ids = all_gather_rows(torch.cat(ids) if ids else None, device)

@@ -4,21 +4,36 @@ Shape legend:
     (no tensors are handled here beyond scalar counts)
 
 Sets live in ``<root>/eval/<name>/`` (the layout ``vlp-data synth`` writes). ``cfg.data``, when set,
-replaces ``root``; it may name either the world root or its ``eval`` folder itself.
+replaces ``root``; it may name either the world root or its ``eval`` folder itself. Besides those:
+``cfg.imagefolder`` (an ImageFolder root; ImageNet when its class folders are WordNet ids, named
+``imagenet``, else after the folder) and ``cfg.wds`` (CLIP_benchmark webdataset sets, see
+:mod:`vlp_core.eval.clip_benchmark`; named after their folders, ``wds_`` dropped, or ``name=folder``).
+
+Images are resized to ``image_size`` with ``interpolation`` and normalised with ``mean``/``std``: pass the
+model's ``model.vision`` values (:func:`preprocess_kwargs` builds them from a ``VisionConfig``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from vlp_core.config import EvalConfig
+from vlp_core.data.transforms import CLIP_MEAN, CLIP_STD, interpolation_mode, normalize_stats
+from vlp_core.eval.clip_benchmark import (
+    WdsEvalSet,
+    load_wds_classification,
+    load_wds_retrieval,
+    open_wds_set,
+    parse_wds_specs,
+)
 from vlp_core.eval.compositional import compositional_eval
 from vlp_core.eval.datasets import (
     ImageBatches,
+    imagefolder_set_name,
     load_compositional_shards,
     load_imagefolder,
     load_retrieval_shards,
@@ -29,7 +44,7 @@ from vlp_core.eval.scorer import all_reduce_sum, dist_rank_world
 from vlp_core.eval.zeroshot import zeroshot_eval
 from vlp_core.method import Scorer
 
-__all__ = ["run_evaluation", "eval_dir_for", "split_names"]
+__all__ = ["run_evaluation", "eval_dir_for", "split_names", "preprocess_kwargs"]
 
 T = TypeVar("T")
 
@@ -43,6 +58,22 @@ def eval_dir_for(cfg: EvalConfig, root: str | Path) -> Path:
     """The folder holding the eval sets: ``<cfg.data or root>/eval``, or that folder itself if it has none."""
     base = Path(cfg.data) if cfg.data else Path(root)
     return base / "eval" if (base / "eval").is_dir() else base
+
+
+def preprocess_kwargs(vision: Any) -> dict[str, Any]:
+    """``image_size``, ``interpolation``, ``mean`` and ``std`` for :func:`run_evaluation` from a
+    ``VisionConfig`` (``cfg.model.vision``)."""
+    return {"image_size": vision.image_size, "interpolation": vision.interpolation, "mean": vision.image_mean,
+            "std": vision.image_std}
+
+
+def _wds_sets(spec: Any) -> list[WdsEvalSet]:
+    sets = [open_wds_set(folder, name=name) for name, folder in parse_wds_specs(spec or "")]
+    names = [s.name for s in sets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"eval.wds: several sets are named {dup}; name them explicitly (name=folder)")
+    return sets
 
 
 def _set_folder(eval_dir: Path, name: str, kind: str) -> Path:
@@ -83,8 +114,11 @@ def run_evaluation(
     log: Callable[[str], Any] = print,
     progress: bool = False,
     dtype: torch.dtype = torch.float32,
+    interpolation: str = "bilinear",
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ) -> dict[str, float]:
-    """Zero-shot, retrieval, compositional and ImageFolder evaluation as configured.
+    """Zero-shot, retrieval, compositional, ImageFolder and CLIP_benchmark evaluation as configured.
 
     Args:
         scorer: The model's :class:`vlp_core.method.Scorer`.
@@ -96,28 +130,43 @@ def run_evaluation(
         log: Called with one line per set, on rank 0 only.
         progress: Show per-set progress bars on rank 0.
         dtype: ``torch.bfloat16``/``float16`` run the towers under autocast.
+        interpolation: Resize mode, ``model.vision.interpolation`` ("bilinear" or "bicubic").
+        mean, std: Per-channel statistics in [0, 1] units, ``model.vision.image_mean``/``image_std``.
 
     Returns:
         Flat metrics such as ``"zeroshot_color_shape/top1"``, ``"retrieval/i2t_R@1"``,
-        ``"compositional/accuracy"`` and ``"<set>/skipped"`` (undecodable or malformed samples), identical
-        on every rank.
+        ``"compositional/accuracy"``, ``"imagenet/top1"`` and ``"<set>/skipped"`` (undecodable or
+        malformed samples), identical on every rank. CLIP_benchmark classification sets add
+        ``"<set>/mean_per_class_recall"``.
 
     Raises:
-        ValueError: A named set's folder (or the ImageFolder root) does not exist.
+        ValueError: A named set's folder (or the ImageFolder root, or a CLIP_benchmark set) does not exist
+            or is malformed, or the preprocessing values are invalid.
     """
     device = torch.device(device)
+    interpolation_mode(interpolation)  # fail on a bad value before any set is read
+    mean, std = normalize_stats(mean, std)
     rank, world = dist_rank_world()
     show = progress and rank == 0
     eval_dir = eval_dir_for(cfg, root)
     bs = cfg.batch_size
-    common: dict[str, Any] = {"image_size": image_size, "rank": rank, "world_size": world, "batch_size": bs}
-    run_kw: dict[str, Any] = {"device": device, "batch_size": bs, "dtype": dtype}
+    common: dict[str, Any] = {"image_size": image_size, "rank": rank, "world_size": world, "batch_size": bs,
+                              "interpolation": interpolation}
+    run_kw: dict[str, Any] = {"device": device, "batch_size": bs, "dtype": dtype, "mean": mean, "std": std}
     # Resolve every folder first: a typo in the last name should fail before minutes of evaluation.
     zeroshot = [(n, _set_folder(eval_dir, n, "zero-shot")) for n in split_names(cfg.zeroshot)]
     retrieval = [(n, _set_folder(eval_dir, n, "retrieval")) for n in split_names(cfg.retrieval)]
     compositional = [(n, _set_folder(eval_dir, n, "compositional")) for n in split_names(cfg.compositional)]
     if cfg.imagefolder and not Path(cfg.imagefolder).is_dir():
         raise ValueError(f"eval.imagefolder root not found: {cfg.imagefolder}")
+    imagefolder_name = imagefolder_set_name(cfg.imagefolder) if cfg.imagefolder else ""
+    # ``wds`` is EvalConfig's field for CLIP_benchmark sets (getattr: configs saved before it existed).
+    wds_sets = _wds_sets(cfg.wds)
+    taken = {n for n, _ in zeroshot + retrieval + compositional}
+    for extra in [imagefolder_name] * bool(imagefolder_name) + [ws.name for ws in wds_sets]:
+        if extra in taken:
+            raise ValueError(f"eval set name '{extra}' is used twice; name a CLIP_benchmark set with name=folder")
+        taken.add(extra)
 
     results: dict[str, float] = {}
 
@@ -137,9 +186,23 @@ def run_evaluation(
     if cfg.imagefolder:
         batches, classnames, templates = load_imagefolder(cfg.imagefolder, **common)
         metrics = zeroshot_eval(
-            scorer, _progress(batches, "imagefolder", show), classnames, templates, tokenizer, **run_kw
+            scorer, _progress(batches, imagefolder_name, show), classnames, templates, tokenizer, **run_kw
         )
-        record("imagefolder", {**metrics, "skipped": _skipped(batches, device)})
+        record(imagefolder_name, {**metrics, "skipped": _skipped(batches, device)})
+
+    for ws in wds_sets:
+        if ws.kind == "classification":
+            batches = load_wds_classification(ws, **common)
+            metrics = zeroshot_eval(
+                scorer, _progress(batches, ws.name, show), ws.classnames, ws.templates, tokenizer,
+                per_class=True, **run_kw,
+            )
+        else:
+            batches, captions, caption_to_image = load_wds_retrieval(ws, **common)
+            metrics = retrieval_eval(
+                scorer, _progress(batches, ws.name, show), captions, caption_to_image, tokenizer, **run_kw
+            )
+        record(ws.name, {**metrics, "skipped": _skipped(batches, device)})
 
     for name, folder in retrieval:
         batches, captions, caption_to_image = load_retrieval_shards(folder, **common)

@@ -42,14 +42,24 @@ _MUST_MATCH = {
 
 
 def read_converted(path: str, arch: str | None = None):
-    """Any checkpoint ``vlp-convert`` reads, as a :class:`~vlp_core.convert.registry.Converted`."""
-    import vlp_core.convert  # noqa: F401  (registers the core readers)
+    """Any checkpoint ``vlp-convert`` reads, as a :class:`~vlp_core.convert.registry.Converted`.
+
+    Trainer checkpoints (``step_<n>.pt``, or a run folder) are read the trainer's way; anything else through
+    the safe loader, then the reader whose ``detect`` accepts its keys.
+    """
+    from vlp_core.convert import load_converters
+    from vlp_core.convert.build import check_converted
     from vlp_core.convert.registry import detect_reader
     from vlp_core.convert.safe_load import read_source
+    from vlp_core.convert.vlp_format import is_trainer_checkpoint, read_trainer_checkpoint
 
-    source = read_source(path)
+    load_converters()
+    source = read_trainer_checkpoint(path) if is_trainer_checkpoint(path) else read_source(path)
     reader = detect_reader(source)
-    return reader.read(source, arch)
+    log.info("%s: layout %r", source.path, reader.name)
+    converted = reader.read(source, arch)
+    check_converted(converted)
+    return converted
 
 
 def _listing(keys: list[str]) -> str:

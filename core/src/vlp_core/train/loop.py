@@ -64,11 +64,15 @@ def _autocast(cfg: RunConfig, device: torch.device) -> tuple[contextlib.Abstract
     return torch.autocast(device.type, dtype=dtype), precision
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _to_device(batch: dict[str, Any], device: torch.device, *, mean: list[float] | tuple[float, ...] | None = None,
+               std: list[float] | tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Tensors to ``device``; uint8 image batches normalised there with ``mean``/``std`` ([0, 1] units,
+    ``model.vision.image_mean``/``image_std``; CLIP's statistics when not given)."""
+    stats = {} if mean is None or std is None else {"mean": mean, "std": std}
     out = {}
     for k, v in batch.items():
         if k == "images" or (isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim == 4):
-            out[k] = prepare_images(v, device)
+            out[k] = prepare_images(v, device, **stats)
         elif isinstance(v, torch.Tensor):
             out[k] = v.to(device, non_blocking=True)
         else:
@@ -150,6 +154,12 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
         log.info("resumed from %s at step %d", path, state.step)
     elif t.resume and t.resume != "latest":
         raise ValueError(f"checkpoint not found: {t.resume}")
+    if t.init_from and path is None:
+        from vlp_core.train.init_from import init_from
+
+        init_from(step_module, t.init_from, cfg)
+    elif t.init_from:
+        log.info("resuming %s: train.init_from (%s) is not applied again", path, t.init_from)
     model_for_train = step_module
     if t.compile:
         model_for_train = torch.compile(model_for_train)
@@ -182,7 +192,7 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
             _account(state, meta)
             if is_main() and t.image_grid_every and state.step % t.image_grid_every == 0 and m == 0:
                 _log_grid(writer, state.step, batch)
-            batch = _to_device(batch, device)
+            batch = _to_device(batch, device, mean=cfg.model.vision.image_mean, std=cfg.model.vision.image_std)
             if (method.visualize is not None and is_main() and t.image_grid_every
                     and state.step % t.image_grid_every == 0 and m == 0):
                 _log_method_images(writer, state.step, method, step_module, batch)

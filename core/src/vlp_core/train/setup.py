@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ from vlp_core.distributed import DistInfo, barrier, broadcast_object, is_main
 from vlp_core.logging.writer import RunWriter
 from vlp_core.method import MethodSpec
 
-__all__ = ["Parts", "build_parts", "resolve_output_dir", "resolve_world", "evaluate", "load_tokenizer"]
+__all__ = ["Parts", "build_parts", "resolve_output_dir", "resolve_world", "evaluate", "load_tokenizer", "uses_world",
+           "data_worlds", "configured_world", "NO_TOKENIZER"]
 
 log = logging.getLogger("vlp")
 
@@ -59,28 +62,102 @@ def resolve_output_dir(cfg: RunConfig) -> Path:
     return path
 
 
+NO_TOKENIZER = (
+    "model.text.tokenizer is not set and the training data is not the shapes world: set it, e.g. --set "
+    "model.text.tokenizer=clip-bpe (OpenAI's BPE, offline) or a transformers tokenizer name/folder"
+)
+
+
+def configured_world(cfg: RunConfig) -> Path:
+    """The folder ``ensure_world(cfg.data)`` uses: ``data.world_dir``, else the default cache folder."""
+    from vlp_core.data.synthetic import default_world_dir
+
+    d = cfg.data
+    return Path(d.world_dir) if d.world_dir else default_world_dir(d.world_seed, d.world_noise,
+                                                                   d.world_train_samples)
+
+
+def _real(path: str | Path) -> str:
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
+def data_worlds(cfg: RunConfig) -> list[Path] | None:
+    """The shapes worlds holding ``data.train_data``'s shards (in order of appearance), or None when any shard
+    is not world data (see :func:`resolve_world`). An empty ``train_data`` gives ``[]``."""
+    from vlp_core.data.synthetic import is_world
+    from vlp_core.data.tario import expand_urls
+
+    configured = _real(configured_world(cfg))
+    worlds: dict[str, Path] = {}
+    folders: set[str] = set()
+    for url in expand_urls(cfg.data.train_data):  # every '::' source, brace-expanded
+        if "://" in url or url.startswith("pipe:"):
+            return None
+        folder = os.path.dirname(url)
+        if folder in folders:
+            continue  # thousands of shards share a few folders: one check per folder
+        folders.add(folder)
+        root = Path(os.path.abspath(os.path.expanduser(folder or "."))).parent
+        key = _real(root)
+        if key != configured and not is_world(root):
+            return None
+        worlds.setdefault(key, configured_world(cfg) if key == configured else root)
+    return list(worlds.values())
+
+
+def uses_world(cfg: RunConfig) -> bool:
+    """Whether the run trains on the shapes world: no ``data.train_data`` (the demo), or world data."""
+    return not cfg.data.train_data.strip() or data_worlds(cfg) is not None
+
+
 def resolve_world(cfg: RunConfig, info: DistInfo) -> Path | None:
-    """The shapes world's folder when it is needed (no ``train_data`` or no ``eval.data``); generated once."""
-    evaluating = (cfg.eval.at_end or cfg.train.eval_every > 0) and not cfg.eval.data
-    if cfg.data.train_data and cfg.model.text.tokenizer and not evaluating:
+    """The shapes world's folder when the run trains on it, generated once (by rank 0; the others wait); else None.
+
+    How a run recognises world data: ``data.train_data`` is empty (the demo trains on ``<world>/train``), or
+    every shard of it (each ``::`` source, brace-expanded; no remote or ``pipe:`` url) lies in a folder whose
+    parent is a shapes world: a complete one (it holds ``world.json``; its shards are ``<world>/train/*.tar``,
+    ``<world>/docs/*.tar``, or a method's own folder beside them), or the configured world folder
+    (``data.world_dir``, else the default cache folder), which is generated first when absent. The world used
+    (its ``tokenizer.json`` when ``model.text.tokenizer`` is empty, and its evaluation sets when ``eval.data``
+    is empty) is the configured one when the data lies in it, else the first world of the data.
+
+    Other data uses no world (None), so it is never generated for it: ``model.text.tokenizer`` must be set
+    (else a ValueError here, before anything heavy; a missing shard is reported first), and evaluation needs
+    ``eval.data`` (without it, it is skipped).
+    """
+    worlds = data_worlds(cfg)
+    if worlds is None:
+        if not cfg.model.text.tokenizer:
+            from vlp_core.data.wds import parse_sources
+
+            parse_sources(cfg.data.train_data, cfg.data.train_weights)  # names a missing shard first
+            raise ValueError(f"{NO_TOKENIZER} (data.train_data={_short(cfg.data.train_data)})")
         return None
+    configured = configured_world(cfg)
+    if worlds and all(_real(w) != _real(configured) for w in worlds):
+        return worlds[0]  # a complete world elsewhere: nothing to generate
     from vlp_core.data.synthetic import ensure_world
 
     if is_main():
-        world = ensure_world(cfg.data)
+        ensure_world(cfg.data)
     barrier()
-    world = ensure_world(cfg.data)  # already there: a cheap check on every rank
-    return Path(world)
+    return Path(ensure_world(cfg.data))  # already there: a cheap check on every rank
+
+
+def _short(text: str, n: int = 100) -> str:
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
 def load_tokenizer(cfg: RunConfig, world: Path | None):
+    """``model.text.tokenizer``; when empty, ``<world>/tokenizer.json``, only for world data (``world`` given
+    and :func:`uses_world`). Raises ValueError (:data:`NO_TOKENIZER`) otherwise."""
     from vlp_core.data.tokenizer import Tokenizer
 
     source = cfg.model.text.tokenizer
     if not source:
-        if world is None:
-            raise ValueError("model.text.tokenizer is empty and no shapes world is in use: name a tokenizer")
-        source = str(world / "tokenizer.json")
+        if world is None or not uses_world(cfg):
+            raise ValueError(NO_TOKENIZER)
+        source = str(Path(world) / "tokenizer.json")
     return Tokenizer.from_pretrained(source, context_length=cfg.model.text.context_length)
 
 
@@ -92,12 +169,20 @@ def _world_train_pattern(world: Path) -> str:
 
 
 def build_parts(cfg: RunConfig, method: MethodSpec, *, world: Path | None, device: torch.device) -> Parts:
+    """Tokenizer, model, loss and adapter; the training shards (the world's train split for the demo); and
+    the evaluation root: ``eval.data``, else the world (None for other data: evaluation is then skipped)."""
     tokenizer = load_tokenizer(cfg, world)
     model = method.build_model(cfg, tokenizer)
     loss = method.build_loss(cfg)
     adapter = method.build_adapter(cfg, tokenizer)
     train_data = cfg.data.train_data or _world_train_pattern(world)  # type: ignore[arg-type]
     eval_root = Path(cfg.eval.data) if cfg.eval.data else world
+    if is_main() and eval_root is None and (cfg.eval.at_end or cfg.train.eval_every > 0):
+        named = [f"eval.{k}" for k in ("imagefolder", "wds") if getattr(cfg.eval, k)]
+        if named:
+            log.info("no eval.data: evaluating %s only", " and ".join(named))
+        else:
+            log.info("no eval.data: skipping evaluation")
     if is_main():
         n_params = sum(p.numel() for p in model.parameters())
         log.info("%s model: %.2fM parameters; training data: %s", method.name, n_params / 1e6, train_data)
@@ -121,18 +206,26 @@ def eval_autocast(device: torch.device, precision: str = "auto") -> contextlib.A
 
 def evaluate(cfg: RunConfig, method: MethodSpec, parts: Parts, step_module: nn.Module, writer: RunWriter,
              step: int, device: torch.device) -> dict[str, float]:
-    """Every rank evaluates its share of each set; results are identical on all ranks."""
+    """Every rank evaluates its share of each set; results are identical on all ranks.
+
+    Without an evaluation root (real data without ``eval.data``; :func:`build_parts` logged it once) only the
+    sets named on their own run: ``eval.imagefolder`` (e.g. ImageNet) and ``eval.wds`` (CLIP_benchmark);
+    with neither, returns ``{}``.
+    """
+    eval_cfg = cfg.eval
     if parts.eval_root is None:
-        return {}
-    from vlp_core.eval import run_evaluation
+        if not (cfg.eval.imagefolder or cfg.eval.wds):
+            return {}
+        eval_cfg = dataclasses.replace(cfg.eval, zeroshot="", retrieval="", compositional="")
+    from vlp_core.eval import preprocess_kwargs, run_evaluation
 
     model = step_module.model if hasattr(step_module, "model") else step_module
     scorer = build_scorer(method, model)
     was_training = model.training
     model.eval()
     with eval_autocast(device, cfg.train.precision):
-        results = run_evaluation(scorer, parts.tokenizer, cfg.eval, root=parts.eval_root,
-                                 image_size=cfg.model.vision.image_size, device=device,
+        results = run_evaluation(scorer, parts.tokenizer, eval_cfg, root=parts.eval_root or ".",
+                                 **preprocess_kwargs(cfg.model.vision), device=device,
                                  log=log.info if is_main() else (lambda *a: None))
     model.train(was_training)
     writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})

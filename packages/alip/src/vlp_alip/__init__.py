@@ -32,7 +32,7 @@ def build_loss(cfg: RunConfig) -> nn.Module:
 def build_adapter(cfg: RunConfig, tokenizer: Any) -> AlipAdapter:
     return AlipAdapter(tokenizer, image_size=cfg.model.vision.image_size, raw_key=cfg.loss.raw_key,
                        caption_key=cfg.loss.caption_key, missing_caption=cfg.loss.missing_caption,
-                       augment=cfg.data.augment)
+                       augment=cfg.data.augment, interpolation=cfg.model.vision.interpolation)
 
 
 METHOD = MethodSpec(

@@ -33,12 +33,13 @@ class AlipAdapter(ImageTextAdapter):
     """
 
     def __init__(self, tokenizer: Any, *, image_size: int, raw_key: str = "txt", caption_key: str = "syn.txt",
-                 missing_caption: str = "skip", augment: bool = False) -> None:
+                 missing_caption: str = "skip", augment: bool = False, interpolation: str = "bilinear") -> None:
         if missing_caption not in ("skip", "raw"):
             raise ValueError(f"missing_caption must be 'skip' or 'raw', got {missing_caption!r}")
         if "," in raw_key or "," in caption_key:
             raise ValueError(f"raw_key ({raw_key!r}) and caption_key ({caption_key!r}) each name one key")
-        super().__init__(tokenizer, image_size=image_size, caption_keys=raw_key, augment=augment)
+        super().__init__(tokenizer, image_size=image_size, caption_keys=raw_key, augment=augment,
+                         interpolation=interpolation)
         self.caption_key = caption_key.strip()
         self.missing_caption = missing_caption
 

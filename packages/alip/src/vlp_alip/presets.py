@@ -7,6 +7,7 @@ from collections.abc import Callable
 from vlp_alip.config import AlipConfig
 from vlp_core.clip import presets as clip_presets
 from vlp_core.config import RunConfig
+from vlp_core.convert.archs import openai_clip_config
 
 __all__ = ["PRESETS", "demo", "demo_ungated", "smoke", "alip_b32_yfcc15m"]
 
@@ -41,6 +42,12 @@ def smoke() -> RunConfig:
 def alip_b32_yfcc15m() -> RunConfig:
     """The paper's ViT-B/32 on YFCC15M webdataset shards with ``syn.txt`` OFA captions (pass --train-data).
 
+    Towers (spec section 2): the official code is an OpenCLIP fork with OpenCLIP's ``ViT-B-32`` config, so
+    :func:`vlp_core.convert.archs.openai_clip_config` builds them: 224 px, patch 32, 12 x 768 ViT with class
+    token, ``ln_pre``, exact GELU (``quick_gelu`` unset), LayerNorm eps 1e-5; 12 x 512 causal text tower over
+    77 tokens of OpenAI's CLIP BPE (``clip-bpe``, shipped offline; the official ``tokenizer.py``), first-EOT
+    pooling; bias-free projections to 512; CLIP mean/std, bilinear resizing (the DALI training pipeline).
+
     Official recipe (spec section 5): global batch 4096, 32 epochs of 15,061,515 pairs = 3678 x 32 = 117,696
     steps; AdamW lr 1e-3, weight decay 0.2, betas (0.9, 0.98), eps 1e-8; warm-up over the first 10% (11,770
     steps), then cosine decay to lr / 25 / 1e4 = 4e-9; grad-norm clip 1.0; temperature 0.07 learnable and
@@ -48,13 +55,10 @@ def alip_b32_yfcc15m() -> RunConfig:
     README): a linear (not cosine-shaped, from lr/25) warm-up, beta1 fixed at 0.9 (OneCycleLR's hidden
     0.95 -> 0.85 cycle is not reproduced), no weight decay on biases, norms, embeddings and the temperature.
     """
-    cfg = RunConfig(loss=AlipConfig(raw_key="txt", caption_key="syn.txt"))
-    v, t = cfg.model.vision, cfg.model.text
-    v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio = 224, 32, 768, 12, 12, 4.0
-    v.class_token, v.pool, v.stem = True, "token", "patch"
-    t.kind, t.tokenizer, t.context_length = "clip", "openai/clip-vit-base-patch32", 77
-    t.width, t.depth, t.heads, t.mlp_ratio, t.causal, t.pool = 512, 12, 8, 4.0, True, "eot"
-    cfg.model.embed_dim = 512
+    cfg = openai_clip_config(act="gelu")  # OpenCLIP's ViT-B-32 towers, 151,277,313 parameters with the scale
+    cfg.loss = AlipConfig(raw_key="txt", caption_key="syn.txt")
+    # The official DALI training pipeline resizes bilinearly (spec section 5; its evaluation uses bicubic).
+    cfg.model.vision.interpolation = "bilinear"
     o = cfg.optim
     o.lr, o.weight_decay, o.beta1, o.beta2, o.eps = 1e-3, 0.2, 0.9, 0.98, 1e-8
     o.warmup_steps, o.schedule, o.min_lr_ratio = 11_770, "cosine", 4e-6

@@ -38,7 +38,8 @@ def build_adapter(cfg: RunConfig, tokenizer: Any) -> DreamLipAdapter:
     c = cfg.loss
     return DreamLipAdapter(tokenizer, image_size=cfg.model.vision.image_size, raw_key=c.raw_key,
                            caption_keys=c.caption_keys, num_subcaptions=c.num_subcaptions,
-                           augment=cfg.data.augment, trim_padding=c.trim_padding)
+                           augment=cfg.data.augment, trim_padding=c.trim_padding,
+                           interpolation=cfg.model.vision.interpolation)
 
 
 METHOD = MethodSpec(

@@ -123,8 +123,9 @@ class DreamLipAdapter(ImageTextAdapter):
 
     def __init__(self, tokenizer: Any, *, image_size: int, raw_key: str = "txt",
                  caption_keys: str = "json.long,json.clean", num_subcaptions: int = 8,
-                 augment: bool = False, trim_padding: bool = True) -> None:
-        super().__init__(tokenizer, image_size=image_size, caption_keys=raw_key, augment=augment)
+                 augment: bool = False, trim_padding: bool = True, interpolation: str = "bilinear") -> None:
+        super().__init__(tokenizer, image_size=image_size, caption_keys=raw_key, augment=augment,
+                         interpolation=interpolation)
         self.pool_keys = [k.strip() for k in caption_keys.split(",") if k.strip()]
         self.k = num_subcaptions
         self.trim_padding = trim_padding
