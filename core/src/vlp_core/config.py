@@ -165,6 +165,8 @@ class TrainConfig:
     resume: str = ""  # "", "latest" or a checkpoint path
     # Start the towers from these weights (any layout vlp-convert reads); fresh optimizer, step 0.
     init_from: str = ""
+    # Which towers --init-from loads ("visual", "text" or both, comma-separated); the others keep their init.
+    init_towers: str = "visual,text"
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

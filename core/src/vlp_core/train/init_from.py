@@ -4,9 +4,10 @@ The source is any checkpoint ``vlp-convert`` reads (a vlp checkpoint, a trainer 
 OpenAI / OpenCLIP / Hugging Face / EVA / method-released file, converted on the fly; a layout whose
 architecture the keys cannot tell needs converting first with ``vlp-convert --arch``). What is loaded:
 
-- every **tower** of the run's model (``model.visual``, ``model.text``) that the source holds. A tower is
-  loaded whole or not at all: a key missing from the source, or a shape that differs, stops the run with
-  an error naming the keys (e.g. a Llip model with K mixture tokens cannot take a CLIP class-token ViT);
+- every **tower** of the run's model (``model.visual``, ``model.text``; ``train.init_towers`` picks which)
+  that the source holds. A tower is loaded whole or not at all: a key missing from the source, or a shape
+  that differs, stops the run with an error naming the keys (e.g. a Llip model with K mixture tokens cannot
+  take a CLIP class-token ViT: start only its text tower with ``--set train.init_towers=text``);
 - the **projections** (``model.image_proj``, ``model.text_proj``) and the loss module's learnable values
   (``loss.*``: temperature, bias) where the source has the same key with the same shape;
 - nothing else: a method's own heads keep their initialisation. Towers the source lacks (e.g. the text
@@ -84,9 +85,13 @@ def _check_settings(prefix: str, run_cfg: RunConfig, saved_cfg: Mapping[str, Any
 
 def load_towers(
     target: nn.Module, state_dict: Mapping[str, Tensor], *, where: str, run_cfg: RunConfig | None = None,
-    saved_cfg: Mapping[str, Any] | None = None,
+    saved_cfg: Mapping[str, Any] | None = None, towers: tuple[str, ...] = ("visual", "text"),
 ) -> dict[str, list[str]]:
     """Copy the towers (whole), projections and loss values of ``state_dict`` into ``target`` (a TrainStep).
+
+    ``towers`` limits which towers are considered (``train.init_towers``): e.g. only ``("text",)`` for a
+    model whose image tower has no counterpart in the source (Llip's K mixture tokens). The projection of a
+    tower that is not loaded is not loaded either.
 
     Returns:
         ``{"loaded": [...], "kept": [...]}``: the parts loaded and the towers left at their initialisation.
@@ -97,12 +102,15 @@ def load_towers(
     own = target.state_dict()
     chosen: dict[str, Tensor] = {}
     loaded, kept = [], []
+    unknown = set(towers) - {"visual", "text"}
+    if unknown or not towers:
+        raise ValueError(f"train.init_towers must name 'visual' and/or 'text', got {','.join(towers)!r}")
     for prefix in _TOWERS:
         mine = [k for k in own if k.startswith(prefix)]
         theirs = [k for k in state_dict if k.startswith(prefix)]
         if not mine:
             continue
-        if not theirs:
+        if prefix.split(".")[1] not in towers or not theirs:
             kept.append(prefix.rstrip("."))
             continue
         if run_cfg is not None:
@@ -117,7 +125,10 @@ def load_towers(
             raise ValueError(f"cannot start {prefix.rstrip('.')} from {where}: " + "; ".join(problems))
         chosen.update({k: state_dict[k] for k in mine})
         loaded.append(prefix.rstrip("."))
+    projections = {"model.image_proj.": "model.visual", "model.text_proj.": "model.text"}
     for prefix in _OPTIONAL:
+        if prefix in projections and projections[prefix] not in loaded:
+            continue
         mine = [k for k in own if k.startswith(prefix)]
         fits = [k for k in mine if k in state_dict and state_dict[k].shape == own[k].shape]
         if mine and len(fits) == len(mine):
@@ -137,7 +148,9 @@ def init_from(target: nn.Module, path: str, run_cfg: RunConfig) -> dict[str, lis
     converted = read_converted(str(Path(path).expanduser()))
     saved_cfg = to_dict(converted.config) if converted.config is not None else None
     where = f"{path} (layout {converted.layout})"
-    parts = load_towers(target, converted.state_dict, where=where, run_cfg=run_cfg, saved_cfg=saved_cfg)
+    towers = tuple(t.strip() for t in run_cfg.train.init_towers.split(",") if t.strip())
+    parts = load_towers(target, converted.state_dict, where=where, run_cfg=run_cfg, saved_cfg=saved_cfg,
+                        towers=towers)
     log.info("initialised from %s: loaded %s; left at initialisation: %s", where,
              ", ".join(parts["loaded"]), ", ".join(parts["kept"]) or "nothing")
     return parts
