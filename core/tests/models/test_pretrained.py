@@ -126,3 +126,34 @@ def test_vision_tower_pretrained_config(tmp_path: Path) -> None:
     torch.testing.assert_close(big.trunk.pos_embed[:, :3], src.trunk.pos_embed[:, :3])
     with pytest.raises(ValueError, match="timm_name"):
         build_vision_tower(VisionConfig(**base, pretrained="timm"))
+
+
+class _RunsCode:
+    """Unpickling this would create ``marker`` (it must never happen)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_one_safe_loader(tmp_path: Path) -> None:
+    """load_pretrained reads through vlp_core.convert.safe_load: unsafe pickles refused, TorchScript read."""
+    marker = tmp_path / "ran"
+    torch.save({"token_embedding.weight": torch.zeros(V, 16), "x": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil\.pt is a pickle that is not weights-only .* was not loaded"):
+        load_pretrained(_text(0), str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    (tmp_path / "notes.bin").write_text("not weights\n")
+    with pytest.raises(ValueError, match=r"notes\.bin is not a checkpoint"):
+        load_pretrained(_text(0), str(tmp_path / "notes.bin"))
+    torch.manual_seed(0)
+    src, dst = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    torch.jit.trace(src, torch.zeros(1, 4)).save(str(tmp_path / "linear_jit.pt"))
+    load_pretrained(dst, str(tmp_path / "linear_jit.pt"))
+    torch.testing.assert_close(dst.weight, src.weight)
+    torch.testing.assert_close(dst.bias, src.bias)

@@ -10,7 +10,7 @@ from vlp_core.clip.cli import eval_main, train_main
 from vlp_core.config import apply_overrides
 from vlp_core.convert.vlp_format import load_vlp_checkpoint
 from vlp_core.data.tokenizer import Tokenizer
-from vlp_core.testing.pretrained import TinyClip, openclip_checkpoint
+from vlp_core.testing.pretrained import TinyClip, openclip_checkpoint, train_from_checkpoint
 from vlp_core.train.init_from import init_from
 from vlp_core.train.loop import TrainStep
 
@@ -49,13 +49,7 @@ def test_mismatched_tower_is_refused_by_name(converted) -> None:
 
 
 def test_init_from_then_train_two_steps_and_evaluate(converted, tiny_world, tmp_path, capsys) -> None:
-    out = tmp_path / "run"
-    args = ["--preset", "smoke", "--init-from", str(converted), "--steps", "2", "--output-dir", str(out),
-            "--set", f"data.world_dir={tiny_world}", "--set", "train.progress=false",
-            "--set", "eval.zeroshot=zeroshot_color", "--set", "eval.retrieval=", "--set", "eval.compositional="]
-    for item in TinyClip().overrides():
-        args += ["--set", item]
-    assert train_main(args) == 0
+    assert train_from_checkpoint(train_main, converted, tiny_world, tmp_path / "run") == 0
     assert "zeroshot_color/top1" in capsys.readouterr().out
     # The converted file itself evaluates with clip-eval once an evaluation set is named.
     assert eval_main([str(converted), "--eval-data", str(tiny_world), "--set", "eval.zeroshot=zeroshot_color",

@@ -49,3 +49,20 @@ def test_bad_settings_give_a_clear_error(setting: str, key: str, tiny_world: Pat
     assert train_main(smoke(tiny_world, tmp_path / "bad", "--set", setting)) == 2
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err
+
+
+def test_eval_takes_a_released_checkpoint_raw_or_converted(tiny_world: Path, tmp_path: Path, capsys) -> None:
+    """``llip-eval`` on an official-layout checkpoint (converted on the fly) and on its ``vlp-convert`` output."""
+    from test_convert import official, save_like_official
+
+    from vlp_core.convert.cli import main as convert_main
+
+    raw = save_like_official(official("official_rules"), tmp_path / "llip_tiny.pt")
+    assert convert_main([str(raw), str(tmp_path / "llip_tiny.safetensors")]) == 0
+    capsys.readouterr()
+    argv = ["--eval-data", str(tiny_world), "--set", "eval.zeroshot=zeroshot_shape", "--set", "eval.compositional="]
+    assert eval_main([str(raw), *argv]) == 0
+    got = results(capsys.readouterr().out)
+    assert eval_main([str(tmp_path / "llip_tiny.safetensors"), *argv]) == 0
+    assert results(capsys.readouterr().out) == got
+    assert got["retrieval/n_images"] == 50 and 0.0 <= got["zeroshot_shape/top1"] <= 100.0

@@ -140,15 +140,3 @@ def test_bad_settings_name_the_key(key: str, value: object, message: str) -> Non
     setattr(node, last, value)
     with pytest.raises(ValueError, match=message):
         LlipModel(cfg.model, cfg.loss, vocab_size=50, pad_id=0)
-
-
-def test_presets_build_configs_with_the_paper_settings() -> None:
-    b16, l14, h14, g14 = (METHOD.preset(n) for n in ("llip_b16_k32", "llip_l14_k32", "llip_h14_k64", "llip_g14_k64"))
-    assert (b16.model.vision.extra_tokens, b16.model.embed_dim, b16.loss.tau, b16.optim.lr) == (32, 512, 5.0, 5e-4)
-    assert (l14.loss.tau, l14.model.text.context_length, l14.model.embed_dim) == (1.0, 64, 768)
-    assert h14.loss.use_norm and g14.loss.use_norm and not b16.loss.use_norm
-    assert (g14.model.vision.width, g14.model.vision.depth, g14.model.text.heads) == (1664, 48, 20)
-    for cfg in (b16, l14, h14, g14):
-        cfg.validate()
-        assert (cfg.optim.beta2, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (0.95, 0.2, 2000)
-        assert cfg.loss.heads == 8 and cfg.train.batch_size == 32768 and not cfg.model.vision.class_token

@@ -55,8 +55,13 @@ def test_finetune_llm_then_train_and_eval(tiny_world, tiny_llama, tmp_path, caps
     assert again["retrieval_long/t2i_R@1"] == results["retrieval_long/t2i_R@1"]
 
 
-def test_clear_error_for_wrong_tokenizer(tiny_world, tiny_bert, tiny_llama, tmp_path, capsys):
-    rc = train_main(["--preset", "smoke", "--set", f"loss.text_model={tiny_bert}",
-                     "--set", f"model.text.tokenizer={tiny_llama}", "--set", f"data.world_dir={tiny_world}",
-                     "--output-dir", str(tmp_path / "r")])
+def test_clear_error_for_wrong_tokenizer(tiny_world, tiny_bert, tiny_llama, llama3_like, tmp_path, capsys,
+                                        monkeypatch):
+    monkeypatch.setenv("VLP_CACHE", str(tmp_path / "cache"))
+    common = ["--preset", "smoke", "--set", f"loss.text_model={tiny_bert}", "--set", f"data.world_dir={tiny_world}",
+              "--set", "train.steps=1", "--set", "eval.at_end=false", "--set", "train.progress=false"]
+    rc = train_main([*common, "--set", f"model.text.tokenizer={llama3_like}", "--output-dir", str(tmp_path / "r")])
     assert rc == 2 and "own tokenizer" in capsys.readouterr().err
+    # Another folder with the same tokenizer (same ids) is accepted: a preset may name the hub tokenizer.
+    rc = train_main([*common, "--set", f"model.text.tokenizer={tiny_llama}", "--output-dir", str(tmp_path / "r2")])
+    assert rc == 0, capsys.readouterr().err

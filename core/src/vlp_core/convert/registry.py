@@ -66,11 +66,13 @@ class Converted:
         state_dict: ``TrainStep`` keys: ``model.*`` and ``loss.*``.
         config: The run config that builds the model (method, towers, tokenizer, preprocessing, loss).
         layout: Name of the reader that produced it (logged, and kept in the written file).
+        step: Training step the weights come from (a vlp trainer checkpoint's; 0 for foreign checkpoints).
     """
 
     state_dict: dict[str, Tensor]
     config: RunConfig
     layout: str
+    step: int = 0
 
 
 @dataclass(frozen=True)

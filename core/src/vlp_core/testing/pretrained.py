@@ -75,3 +75,20 @@ def openclip_checkpoint(folder: str | Path, sizes: TinyClip = TinyClip(), *, see
     if vlp_convert([str(raw), str(out), "--arch", "gelu"]) != 0:
         raise RuntimeError(f"vlp-convert could not convert {raw}")
     return out
+
+
+def train_from_checkpoint(
+    train_main, checkpoint: Path, world: Path, out: Path, *extra: str, sizes: TinyClip = TinyClip(),
+    towers: str = "visual,text",
+) -> int:
+    """``<m>-train --preset smoke --init-from checkpoint`` for 2 steps on ``world`` with towers of ``sizes``,
+    then evaluation on the world's colour zero-shot set. Only the towers named in ``towers`` get the
+    checkpoint's sizes. Returns the CLI's exit code."""
+    args = ["--preset", "smoke", "--init-from", str(checkpoint), "--steps", "2", "--output-dir", str(out),
+            "--set", f"data.world_dir={world}", "--set", "train.progress=false", "--set", f"train.init_towers={towers}",
+            "--set", "eval.zeroshot=zeroshot_color", "--set", "eval.retrieval=", "--set", "eval.compositional="]
+    chosen = ([*sizes.vision_overrides()] if "visual" in towers else []) + \
+        ([*sizes.text_overrides(), f"model.embed_dim={sizes.embed_dim}"] if "text" in towers else [])
+    for item in [*chosen, *extra]:
+        args += ["--set", item]
+    return train_main(args)

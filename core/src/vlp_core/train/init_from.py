@@ -37,30 +37,16 @@ _OPTIONAL = ("model.image_proj.", "model.text_proj.", "loss.")
 _SHOW = 5
 # Tower settings that change the function computed by the same weights.
 _MUST_MATCH = {
-    "model.visual.": ("vision", ("act", "pre_norm", "norm_eps", "pool", "timm_name", "image_size")),
+    "model.visual.": ("vision", ("act", "pre_norm", "norm_eps", "timm_name", "image_size")),
     "model.text.": ("text", ("kind", "act", "norm_eps", "causal", "mask_pads", "pool")),
 }
 
 
 def read_converted(path: str, arch: str | None = None):
-    """Any checkpoint ``vlp-convert`` reads, as a :class:`~vlp_core.convert.registry.Converted`.
+    """Any checkpoint ``vlp-convert`` reads, as a checked :class:`~vlp_core.convert.registry.Converted`."""
+    from vlp_core.convert import read_checkpoint
 
-    Trainer checkpoints (``step_<n>.pt``, or a run folder) are read the trainer's way; anything else through
-    the safe loader, then the reader whose ``detect`` accepts its keys.
-    """
-    from vlp_core.convert import load_converters
-    from vlp_core.convert.build import check_converted
-    from vlp_core.convert.registry import detect_reader
-    from vlp_core.convert.safe_load import read_source
-    from vlp_core.convert.vlp_format import is_trainer_checkpoint, read_trainer_checkpoint
-
-    load_converters()
-    source = read_trainer_checkpoint(path) if is_trainer_checkpoint(path) else read_source(path)
-    reader = detect_reader(source)
-    log.info("%s: layout %r", source.path, reader.name)
-    converted = reader.read(source, arch)
-    check_converted(converted)
-    return converted
+    return read_checkpoint(path, arch)
 
 
 def _listing(keys: list[str]) -> str:

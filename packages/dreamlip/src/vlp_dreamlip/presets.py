@@ -6,6 +6,7 @@ HF release; expect 10-20% fewer downloadable images, so set ``--steps`` from you
 (the paper's best mixture; the released checkpoints used ShareGPT4V only: ``--set
 loss.caption_keys=json.shortSV_captions,json.longSV_captions``). The paper's batch, weight decay, sigma and
 lambda were not published: batch and weight decay follow FLAIR/COSMOS, who trained on the same captions.
+Towers: OpenCLIP's ``ViT-B-16`` with OpenAI's CLIP BPE (``clip-bpe``), as the official open_clip fork.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 from vlp_core.clip import presets as clip_presets
 from vlp_core.config import RunConfig
+from vlp_core.convert.archs import openai_clip_config
 from vlp_dreamlip.config import RELEASE_CAPTION_KEYS, DreamLipConfig
 
 __all__ = ["PRESETS", "demo", "demo_mpcl", "demo_clip_raw", "smoke", "cc3m", "cc12m", "yfcc15m",
@@ -63,11 +65,13 @@ def smoke() -> RunConfig:
 
 
 def _vit_b16(data: str, batch: int, weight_decay: float, eps: float) -> RunConfig:
-    cfg = RunConfig(loss=DreamLipConfig(raw_key="txt", caption_keys=RELEASE_CAPTION_KEYS, num_subcaptions=8))
-    v, t = cfg.model.vision, cfg.model.text
-    v.image_size, v.patch_size, v.width, v.depth, v.heads = 224, 16, 768, 12, 12
-    t.context_length, t.width, t.depth, t.heads = 77, 512, 12, 8
-    cfg.model.embed_dim = 512
+    """OpenCLIP's ``ViT-B-16`` (the official code is a modified open_clip with that config, spec section 3):
+    224 px, patch 16, 12 x 768 ViT with class token, ``ln_pre``, exact GELU, LayerNorm eps 1e-5, bicubic
+    resizing and CLIP mean/std; 12 x 512 causal text tower over 77 tokens of OpenAI's CLIP BPE
+    (``clip-bpe``), first-EOT pooling; bias-free projections to 512. Plus the grouping loss's own learnable
+    temperature (declared but left None in the release): 149,620,738 parameters."""
+    cfg = openai_clip_config(patch=16, act="gelu")
+    cfg.loss = DreamLipConfig(raw_key="txt", caption_keys=RELEASE_CAPTION_KEYS, num_subcaptions=8)
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps, cfg.optim.warmup_steps = 5e-4, weight_decay, eps, 2000
     cfg.train.batch_size = batch
     cfg.train.steps = math.ceil(32 * RELEASE_SAMPLES[data] / batch)

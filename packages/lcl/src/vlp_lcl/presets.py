@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 from vlp_core.config import RunConfig
+from vlp_core.convert.archs import openai_clip_config
 from vlp_lcl.config import LclConfig
 
 __all__ = ["PRESETS", "demo", "demo_gen_only", "smoke", "lcl_b32_laion", "lcl_b16_laion", "lcl_b32_mmc4",
@@ -78,14 +79,25 @@ def smoke() -> RunConfig:
     return cfg
 
 
+def _openclip_towers(*, patch: int, text_width: int, text_heads: int, context_length: int) -> RunConfig:
+    """The released configs' towers (spec sections 1.2-1.5): OpenCLIP's ViT-B (224 px, 12 x 768, class token,
+    ``ln_pre``, exact GELU, LayerNorm eps 1e-5, bicubic, CLIP mean/std; its projection is unused: the class
+    token is dropped and the attentive pooling projects the patches) and OpenCLIP's text transformer as the
+    12-layer causal LM (eps 1e-5, GELU) over OpenAI's CLIP BPE (``clip-bpe``) + the 3 image-span tokens
+    (vocabulary 49,411, so ``vocab_size`` stays 0 = the tokenizer's + 3), embedding = LM width."""
+    cfg = openai_clip_config(patch=patch, act="gelu", text_width=text_width, text_heads=text_heads,
+                             embed_dim=text_width, context_length=context_length)
+    cfg.model.text.vocab_size = 0
+    return cfg
+
+
 def lcl_b32_laion() -> RunConfig:
-    """``LCL_ViT-B-32_laion``: 224 px ViT-B/32 (49 visual tokens), 12 x 512 LM with context 128, on pairs."""
-    cfg = RunConfig(loss=LclConfig(pool_heads=8))
-    v, t = cfg.model.vision, cfg.model.text
-    v.image_size, v.patch_size, v.width, v.depth, v.heads = 224, 32, 768, 12, 12
-    v.stem, v.pool = "patch", "token"
-    t.context_length, t.width, t.depth, t.heads = 128, 512, 12, 8
-    cfg.model.embed_dim = 512
+    """``LCL_ViT-B-32_laion``: 224 px ViT-B/32 (49 visual tokens), 12 x 512 LM with context 128, on pairs.
+
+    177,659,905 parameters (spec section 1.7: 177.66M).
+    """
+    cfg = _openclip_towers(patch=32, text_width=512, text_heads=8, context_length=128)
+    cfg.loss = LclConfig(pool_heads=8)
     # OpenCLIP defaults the script inherits: AdamW(0.9, 0.98, 1e-6), lr 5e-4, wd 0.2, warmup 2000.
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = 5e-4, 0.2, 2000
     cfg.train.steps, cfg.train.batch_size, cfg.train.save_every = 400_000, 32768, 1000
@@ -95,19 +107,22 @@ def lcl_b32_laion() -> RunConfig:
 
 
 def lcl_b16_laion() -> RunConfig:
-    """``LCL_ViT-B-16_laion``: ViT-B/16 (196 visual tokens), 12 x 768 LM with context 280, checkpointing."""
+    """``LCL_ViT-B-16_laion``: ViT-B/16 (196 visual tokens), 12 x 768 LM with context 280, checkpointing.
+
+    249,924,097 parameters (spec section 1.7: 249.92M).
+    """
     cfg = lcl_b32_laion()
-    cfg.model.vision.patch_size = 16
-    t = cfg.model.text
-    t.context_length, t.width, t.depth, t.heads = 280, 768, 12, 12
-    cfg.model.embed_dim = 768
+    cfg.model = _openclip_towers(patch=16, text_width=768, text_heads=12, context_length=280).model
     cfg.loss.pool_heads = 12
     cfg.train.grad_checkpointing = True
     return cfg
 
 
 def lcl_b32_mmc4() -> RunConfig:
-    """``LCL_ViT-B-32_mmc4``: the B/32 model with a 2048-token LM on MMC4 documents, lr 3e-4, checkpointing."""
+    """``LCL_ViT-B-32_mmc4``: the B/32 model with a 2048-token LM on MMC4 documents, lr 3e-4, checkpointing.
+
+    178,642,945 parameters (the B/32 LAION model + 1,920 more positions of 512).
+    """
     cfg = lcl_b32_laion()
     cfg.model.text.context_length = 2048
     cfg.optim.lr = 3e-4

@@ -11,6 +11,7 @@ from vlp_core.config import RunConfig
 from vlp_core.data.adapters import ImageTextAdapter
 from vlp_core.method import MethodSpec
 from vlp_llip.config import VARIANTS, LlipConfig
+from vlp_llip.convert import LLIP_READER  # registers the reader of Llip's released checkpoints (vlp-convert)
 from vlp_llip.loss import LlipLoss, llip_loss
 from vlp_llip.model import LlipModel
 from vlp_llip.presets import PRESETS
@@ -22,7 +23,7 @@ except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
 __all__ = ["METHOD", "LlipConfig", "LlipModel", "LlipLoss", "LlipScorer", "VARIANTS", "llip_loss",
-           "build_model", "build_loss", "build_adapter", "build_scorer", "__version__"]
+           "LLIP_READER", "build_model", "build_loss", "build_adapter", "build_scorer", "__version__"]
 
 
 def _llip_config(cfg: RunConfig) -> LlipConfig:
@@ -42,7 +43,8 @@ def build_loss(cfg: RunConfig) -> nn.Module:
 
 def build_adapter(cfg: RunConfig, tokenizer: Any) -> ImageTextAdapter:
     return ImageTextAdapter(tokenizer, image_size=cfg.model.vision.image_size,
-                            caption_keys=_llip_config(cfg).caption_keys, augment=cfg.data.augment)
+                            caption_keys=_llip_config(cfg).caption_keys, augment=cfg.data.augment,
+                            interpolation=cfg.model.vision.interpolation)
 
 
 METHOD = MethodSpec(

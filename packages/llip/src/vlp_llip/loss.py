@@ -20,6 +20,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,7 +162,7 @@ class LlipLoss(nn.Module):
         self.cfg = cfg
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_bias)))
-        self.max_log_scale = float(torch.tensor(cfg.max_logit_scale).log())
+        self.max_log_scale = math.log(cfg.max_logit_scale)  # a float: no tensor (works on the meta device)
 
     def clamped_scale(self) -> torch.Tensor:
         """``logit_scale`` clamped to ``[0, ln max]`` on the device: no gradient past the bounds."""

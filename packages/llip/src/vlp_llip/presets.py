@@ -1,9 +1,12 @@
 """Run presets for Llip: plain functions returning a fresh ``RunConfig``.
 
-The paper's models follow the official model configs and run config (spec sections 1.4 and 3): AdamW
-(0.9, 0.95, eps 1e-6), weight decay 0.2, 2,000 warm-up steps then cosine, no gradient clipping, global batch
-32,768 for 12.8B samples (390,625 steps), 224 px, context 77, tau 5 (1 for L/14), 8 cross-attention heads,
-LayerNorm on Q/K/V for H/14 and G/14. ``demo`` is a tiny model for the shapes world.
+The paper's models follow the official model configs and run config (spec sections 1.4 and 3), component for
+component: OpenAI-layout towers with QuickGELU in both (``ln_pre``, LayerNorm eps 1e-5, bias-free patch
+embedding), the K mixture tokens in place of the class token, OpenAI's BPE (``clip-bpe``, 49,408 ids),
+context 77 (64 for L/14), 224 px, bicubic resizing and CLIP mean/std; AdamW (0.9, 0.95, eps 1e-6), weight
+decay 0.2, 2,000 warm-up steps then cosine, no gradient clipping, global batch 32,768 for 12.8B samples
+(390,625 steps), tau 5 (1 for L/14), 8 cross-attention heads, LayerNorm on Q/K/V and activation
+checkpointing for H/14 and G/14. ``demo`` is a tiny model for the shapes world.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from vlp_core.clip import presets as clip_presets
 from vlp_core.config import RunConfig
 from vlp_llip.config import LlipConfig
 
-__all__ = ["PRESETS", "demo", "register_demo", "smoke", "llip_b16_k32", "llip_l14_k32", "llip_h14_k64",
-           "llip_g14_k64"]
+__all__ = ["PRESETS", "PAPER_PRESETS", "paper_config", "demo", "register_demo", "smoke", "llip_b16_k32",
+           "llip_l14_k32", "llip_h14_k64", "llip_g14_k64"]
 
 
 def _llip_vision(cfg: RunConfig, tokens: int) -> None:
@@ -57,15 +60,38 @@ def smoke() -> RunConfig:
     return cfg
 
 
-def _paper(*, width: int, depth: int, heads: int, patch: int, tokens: int, embed: int, text_width: int,
-           text_depth: int, text_heads: int, tau: float, use_norm: bool, lr: float, chunk: int,
-           mlp_ratio: float = 4.0) -> RunConfig:
-    cfg = RunConfig(loss=LlipConfig(tau=tau, use_norm=use_norm, heads=8, chunk=chunk))
-    v, t = cfg.model.vision, cfg.model.text
-    v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio = 224, patch, width, depth, heads, mlp_ratio
+# The four models of the paper (spec section 1.4), in the order of the table.
+PAPER_PRESETS = ("llip_b16_k32", "llip_l14_k32", "llip_h14_k64", "llip_g14_k64")
+
+
+def paper_config(
+    *, vision_width: int, vision_layers: int, vision_heads: int, patch: int, tokens: int, embed_dim: int,
+    text_width: int, text_layers: int, text_heads: int, tau: float, use_norm: bool, lr: float = 4e-4,
+    chunk: int = 128, vision_mlp_ratio: float = 4.0, text_mlp_ratio: float = 4.0, image_size: int = 224,
+    context_length: int = 77, vocab_size: int = 49408, xattn_heads: int = 8,
+) -> RunConfig:
+    """A Llip model with the official towers and the paper's training recipe (also what the reader builds).
+
+    Towers: the core's OpenAI-layout CLIP config (:func:`vlp_core.convert.archs.openai_clip_config`) with
+    QuickGELU in both towers: ``ln_pre``, LayerNorm eps 1e-5, bias-free patch embedding, bicubic resizing,
+    CLIP mean/std, a causal text tower over OpenAI's BPE (``clip-bpe``) pooled at the first end-of-text token.
+    The class token is replaced by the K mixture tokens (each with its own position row) and the image tower
+    has no projection of its own (Llip's per-token key/value projections take its place).
+
+    Recipe (spec section 3): AdamW (0.9, 0.95, eps 1e-6), weight decay 0.2, 2,000 warm-up steps then cosine,
+    no gradient clipping, a global batch of 32,768 for 390,625 steps (12.8B samples), 8 cross-attention heads.
+    """
+    from vlp_core.convert.archs import openai_clip_config
+
+    cfg = openai_clip_config(
+        vision_width=vision_width, vision_layers=vision_layers, patch=patch, image_size=image_size,
+        text_width=text_width, text_layers=text_layers, text_heads=text_heads, embed_dim=embed_dim,
+        context_length=context_length, vocab_size=vocab_size, act="quick_gelu", vision_heads=vision_heads,
+        vision_mlp_ratio=vision_mlp_ratio, text_mlp_ratio=text_mlp_ratio,
+    )
+    cfg.method = "llip"
+    cfg.loss = LlipConfig(tau=tau, use_norm=use_norm, heads=xattn_heads, chunk=chunk)
     _llip_vision(cfg, tokens)
-    t.context_length, t.width, t.depth, t.heads = 77, text_width, text_depth, text_heads
-    cfg.model.embed_dim = embed
     o = cfg.optim
     o.lr, o.weight_decay, o.beta1, o.beta2, o.eps, o.warmup_steps = lr, 0.2, 0.9, 0.95, 1e-6, 2000
     cfg.train.steps, cfg.train.batch_size, cfg.train.grad_clip, cfg.train.save_every = 390_625, 32768, 0.0, 1000
@@ -75,28 +101,32 @@ def _paper(*, width: int, depth: int, heads: int, patch: int, tokens: int, embed
 
 def llip_b16_k32() -> RunConfig:
     """ViT-B/16 with 32 mixture tokens: 768/12/12 vision, 512/12/8 text, D=512, tau 5, lr 5e-4, 256x256 blocks."""
-    return _paper(width=768, depth=12, heads=12, patch=16, tokens=32, embed=512, text_width=512, text_depth=12,
-                  text_heads=8, tau=5.0, use_norm=False, lr=5e-4, chunk=256)
+    return paper_config(vision_width=768, vision_layers=12, vision_heads=12, patch=16, tokens=32, embed_dim=512,
+                        text_width=512, text_layers=12, text_heads=8, tau=5.0, use_norm=False, lr=5e-4, chunk=256)
 
 
 def llip_l14_k32() -> RunConfig:
     """ViT-L/14 with 32 mixture tokens: 1024/24/16 vision, 768/12/12 text, D=768, tau 1, context 64."""
-    cfg = _paper(width=1024, depth=24, heads=16, patch=14, tokens=32, embed=768, text_width=768, text_depth=12,
-                 text_heads=12, tau=1.0, use_norm=False, lr=4e-4, chunk=256)
-    cfg.model.text.context_length = 64
-    return cfg
+    return paper_config(vision_width=1024, vision_layers=24, vision_heads=16, patch=14, tokens=32, embed_dim=768,
+                        text_width=768, text_layers=12, text_heads=12, tau=1.0, use_norm=False, chunk=256,
+                        context_length=64)
 
 
 def llip_h14_k64() -> RunConfig:
-    """ViT-H/14 with 64 mixture tokens: 1280/32/16 vision, 1024/24/16 text, D=1024, LayerNorm on Q/K/V."""
-    return _paper(width=1280, depth=32, heads=16, patch=14, tokens=64, embed=1024, text_width=1024, text_depth=24,
-                  text_heads=16, tau=5.0, use_norm=True, lr=4e-4, chunk=128)
+    """ViT-H/14 with 64 mixture tokens: 1280/32/16 (head width 80), 1024/24/16 text, D=1024, LayerNorm on
+    Q/K/V, activation checkpointing."""
+    cfg = paper_config(vision_width=1280, vision_layers=32, vision_heads=16, patch=14, tokens=64, embed_dim=1024,
+                       text_width=1024, text_layers=24, text_heads=16, tau=5.0, use_norm=True)
+    cfg.train.grad_checkpointing = True
+    return cfg
 
 
 def llip_g14_k64() -> RunConfig:
-    """ViT-G/14 with 64 mixture tokens: 1664/48/16 (mlp 4.9231), 1280/32/20 text, D=1280, LayerNorm, checkpointing."""
-    cfg = _paper(width=1664, depth=48, heads=16, patch=14, tokens=64, embed=1280, text_width=1280, text_depth=32,
-                 text_heads=20, tau=5.0, use_norm=True, lr=4e-4, chunk=128, mlp_ratio=4.9231)
+    """ViT-G/14 with 64 mixture tokens: 1664/48/16 (head width 104, mlp 4.9231), 1280/32/20 text, D=1280,
+    LayerNorm on Q/K/V, activation checkpointing."""
+    cfg = paper_config(vision_width=1664, vision_layers=48, vision_heads=16, patch=14, tokens=64, embed_dim=1280,
+                       text_width=1280, text_layers=32, text_heads=20, tau=5.0, use_norm=True,
+                       vision_mlp_ratio=4.9231)
     cfg.train.grad_checkpointing = True
     return cfg
 

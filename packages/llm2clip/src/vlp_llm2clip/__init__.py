@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlp_core.config import RunConfig
@@ -30,14 +31,43 @@ def _caption_keys(cfg: RunConfig) -> list[str]:
     return [k.strip() for k in cfg.loss.caption_keys.split(",") if k.strip()]
 
 
+_PROBE = "A small red circle, left of a large blue square; 3 stars!"
+
+
 def _check_tokenizer(cfg: RunConfig, tokenizer: Any) -> None:
+    """``model.text.tokenizer`` must tokenize as the text model's own tokenizer (the folder's files): the same
+    folder, or one giving the same ids (a preset names the hub tokenizer, e.g. Llama-3's; the user's folder of
+    the fine-tuned model ships the same). Stand-ins without a ``name`` (meta builds) are not checked."""
+    from vlp_core.data.tokenizer import Tokenizer
     from vlp_llm2clip.model import resolve_text_model
 
-    want = os.path.realpath(resolve_text_model(cfg.loss.text_model))
-    have = os.path.realpath(str(getattr(tokenizer, "name", "")))
-    if have != want:
-        raise ValueError(f"model.text.tokenizer ({tokenizer.name}) must be the text model's own tokenizer: "
-                         f"set --set model.text.tokenizer={want}")
+    name = str(getattr(tokenizer, "name", "") or "")
+    if not name or not cfg.loss.text_model:
+        return
+    want = resolve_text_model(cfg.loss.text_model)
+    if os.path.realpath(name) == os.path.realpath(want):
+        return
+    hint = (f"model.text.tokenizer ({name}) must be the text model's own tokenizer: "
+            f"set --set model.text.tokenizer={want}")
+    try:
+        own = Tokenizer.from_pretrained(want, context_length=tokenizer.context_length)
+    except ValueError as e:
+        raise ValueError(f"{hint} (its tokenizer could not be read: {e})") from None
+    ids = ("vocab_size", "bos_id", "eot_id", "pad_id")
+    same = all(getattr(own, k) == getattr(tokenizer, k) for k in ids)
+    if not same or not torch.equal(own([_PROBE]), tokenizer([_PROBE])):
+        raise ValueError(hint)
+
+
+def _record(cfg: RunConfig) -> dict[str, Any]:
+    """What the run needs the embeddings to have been made with (see :func:`vlp_llm2clip.embed.run_record`)."""
+    from vlp_llm2clip.embed import run_record
+    from vlp_llm2clip.encoder import EncoderSettings
+    from vlp_llm2clip.model import resolve_text_model
+
+    text_model = resolve_text_model(cfg.loss.text_model)
+    return run_record(text_model, EncoderSettings.read(text_model), cfg.model.text.context_length,
+                      cfg.loss.caption_instruction)
 
 
 def train_pattern(cfg: RunConfig) -> str:
@@ -54,19 +84,25 @@ def train_pattern(cfg: RunConfig) -> str:
 
 
 def ensure_embeddings(cfg: RunConfig) -> Path:
-    """``loss.embeddings``, or a cache folder filled on first use (a file lock lets one rank compute it)."""
-    from vlp_llm2clip.embed import MANIFEST, embed_shards
-    from vlp_llm2clip.model import resolve_text_model
+    """``loss.embeddings`` (checked against the run: text model, pooling, context length, instruction), or a
+    cache folder filled on first use (a file lock lets one rank compute it)."""
+    from vlp_llm2clip.embed import FORMAT_VERSION, MANIFEST, check_embeddings, embed_shards
 
+    record = _record(cfg)
     if cfg.loss.embeddings:
         folder = Path(cfg.loss.embeddings)
         if not (folder / MANIFEST).is_file():
             raise ValueError(f"loss.embeddings {folder} holds no {MANIFEST}: run llm2clip-embed first")
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except ValueError as e:
+            raise ValueError(f"loss.embeddings {folder}/{MANIFEST} is not valid JSON ({e})") from None
+        check_embeddings(manifest, record, folder)
         return folder
-    text_model = resolve_text_model(cfg.loss.text_model)
+    text_model = record["text_model"]
     pattern = train_pattern(cfg)
-    ident = json.dumps([os.path.realpath(text_model), pattern, _caption_keys(cfg),
-                        cfg.model.text.context_length])
+    ident = json.dumps([FORMAT_VERSION, text_model, record["text_model_fingerprint"], pattern, _caption_keys(cfg),
+                        cfg.model.text.context_length, cfg.loss.caption_instruction])
     root = Path(os.environ.get("VLP_CACHE", Path.home() / ".cache" / "vlp")) / "llm2clip-embeddings"
     folder = root / hashlib.sha1(ident.encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,7 +110,7 @@ def ensure_embeddings(cfg: RunConfig) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # other ranks wait here, then find every shard done
         embed_shards(pattern, folder, text_model=text_model, caption_keys=_caption_keys(cfg),
                      context_length=cfg.model.text.context_length, batch_size=cfg.loss.embed_batch_size,
-                     progress=True)
+                     progress=True, instruction=cfg.loss.caption_instruction)
     return folder
 
 
@@ -82,7 +118,7 @@ def build_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:
     from vlp_llm2clip.model import Llm2ClipModel, text_dim
 
     _check_tokenizer(cfg, tokenizer)
-    return Llm2ClipModel(cfg, llm_dim=text_dim(cfg.loss.text_model), tokenizer=tokenizer)
+    return Llm2ClipModel(cfg, llm_dim=text_dim(cfg.loss.text_model, cfg.loss.text_dim), tokenizer=tokenizer)
 
 
 def build_loss(cfg: RunConfig) -> nn.Module:
@@ -99,7 +135,7 @@ def build_adapter(cfg: RunConfig, tokenizer: Any):
 
     index = EmbeddingIndex(ensure_embeddings(cfg))
     return EmbeddingAdapter(index, caption_keys=_caption_keys(cfg), image_size=cfg.model.vision.image_size,
-                            augment=cfg.data.augment)
+                            augment=cfg.data.augment, interpolation=cfg.model.vision.interpolation)
 
 
 def build_llm_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:

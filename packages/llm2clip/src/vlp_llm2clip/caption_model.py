@@ -11,7 +11,7 @@ from vlp_llm2clip.config import LORA_TARGETS, CaptionContrastiveConfig
 from vlp_llm2clip.encoder import LlmEncoder, load_encoder
 from vlp_llm2clip.model import resolve_text_model
 
-__all__ = ["CaptionEmbedder", "lora_targets"]
+__all__ = ["CaptionEmbedder", "lora_targets", "used_modules"]
 
 
 def lora_targets(cfg: CaptionContrastiveConfig, model_type: str) -> list[str]:
@@ -19,6 +19,15 @@ def lora_targets(cfg: CaptionContrastiveConfig, model_type: str) -> list[str]:
         return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     family = "bert" if model_type in ("bert", "roberta", "xlm-roberta", "distilbert") else "llama"
     return LORA_TARGETS[family].split(",")
+
+
+def used_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the modules named by ``targets`` (last name component), except those the embedding never
+    uses: BERT's ``pooler`` (mean pooling reads the last hidden states), whose LoRA would get no gradient."""
+    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in targets and "pooler" not in n.split(".")]
+    if not names:
+        raise ValueError(f"loss.lora_targets {','.join(targets)} name no module of the text model")
+    return names
 
 
 class CaptionEmbedder(nn.Module):
@@ -32,7 +41,7 @@ class CaptionEmbedder(nn.Module):
         if cfg.lora:
             from peft import LoraConfig, get_peft_model
 
-            targets = lora_targets(cfg, encoder.model.config.model_type)
+            targets = used_modules(encoder.model, lora_targets(cfg, encoder.model.config.model_type))
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               bias="none", target_modules=targets)
             encoder.model = get_peft_model(encoder.model, lora)

@@ -95,16 +95,24 @@ def finetune_main(argv: list[str] | None = None) -> int:
 
 
 def embed_main(argv: list[str] | None = None) -> int:
+    from vlp_llm2clip import METHOD
+
     p = argparse.ArgumentParser(
         prog="llm2clip-embed",
         description="Embed the captions of a shard set with the frozen text model; resumable and idempotent "
-        "(done shards are skipped). Output: a folder of per-shard .npy arrays keyed by sample key.")
+        "(done shards are skipped). Output: a folder of per-shard .npy arrays keyed by sample key, with a "
+        "manifest recording the text model, context length and instruction that stage 2 checks.")
     p.add_argument("shards", help="shard pattern, e.g. 'data/{00000..00099}.tar' (several joined by '::')")
-    p.add_argument("--text-model", required=True, help="a transformers folder (stage-1 output), or 'minilm'")
+    p.add_argument("--text-model", required=True, help="a local transformers folder (stage-1 output), or 'minilm'")
     p.add_argument("--out", required=True, help="output folder (must not contain the input shards)")
-    p.add_argument("--caption-keys", default="json.clean,json.long",
-                   help="comma-separated caption keys (txt or json.<field>) (default: %(default)s)")
-    p.add_argument("--context-length", type=int, default=96, help="token rows length (default: %(default)s)")
+    p.add_argument("--preset", default=METHOD.default_preset,
+                   help=f"stage-2 preset whose defaults to use: {', '.join(METHOD.presets)} (default: %(default)s)")
+    p.add_argument("--caption-keys", help="comma-separated caption keys (txt or json.<field>) (default: the "
+                   "preset's loss.caption_keys)")
+    p.add_argument("--context-length", type=int,
+                   help="token rows length (default: the preset's model.text.context_length)")
+    p.add_argument("--instruction", help="instruction put before every caption (default: the preset's "
+                   "loss.caption_instruction, empty: LLM2CLIP embeds captions without one)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -116,12 +124,16 @@ def embed_main(argv: list[str] | None = None) -> int:
         from vlp_llm2clip.embed import embed_shards
         from vlp_llm2clip.model import resolve_text_model
 
+        preset = METHOD.preset(args.preset)
+        keys = args.caption_keys if args.caption_keys is not None else preset.loss.caption_keys
+        context = args.context_length if args.context_length is not None else preset.model.text.context_length
+        instruction = args.instruction if args.instruction is not None else preset.loss.caption_instruction
+        text_model = resolve_text_model(args.text_model)
         info = init_distributed()
         device = info.device if args.device == "auto" else torch.device(args.device)
-        counts = embed_shards(args.shards, args.out, text_model=resolve_text_model(args.text_model),
-                              caption_keys=args.caption_keys.split(","), context_length=args.context_length,
-                              batch_size=args.batch_size, dtype=args.dtype, device=device, rank=info.rank,
-                              world_size=info.world_size, progress=True)
+        counts = embed_shards(args.shards, args.out, text_model=text_model, caption_keys=keys.split(","),
+                              context_length=context, batch_size=args.batch_size, dtype=args.dtype, device=device,
+                              rank=info.rank, world_size=info.world_size, progress=True, instruction=instruction)
         cleanup()
     except (ValueError, FileNotFoundError) as e:
         print(f"llm2clip-embed: error: {e}", file=sys.stderr)

