@@ -186,6 +186,11 @@ def _read_for_eval(method: MethodSpec, checkpoint: str) -> tuple[RunConfig, dict
     from vlp_core.train.init_from import read_converted
 
     converted = read_converted(str(path))
+    from vlp_core.convert.build import is_image_only
+
+    if is_image_only(converted.state_dict):
+        raise ValueError(f"{checkpoint} holds an image tower only (layout {converted.layout}): start a run from it "
+                         "with --init-from; it cannot be evaluated zero-shot on its own")
     if converted.config.method != method.name:
         raise ValueError(f"{checkpoint} holds a '{converted.config.method}' model (layout {converted.layout}); "
                          f"evaluate it with {converted.config.method}-eval, not {method.name}-eval")

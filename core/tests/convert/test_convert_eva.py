@@ -193,3 +193,32 @@ def test_parse_arch():
     assert eva.parse_arch(f"{NAME}:num_heads=2, mlp_ratio=2.5,text_act=quick_gelu") == (
         NAME, {"num_heads": 2, "mlp_ratio": 2.5, "text_act": "quick_gelu"})
     assert eva.parse_arch(NAME) == (NAME, {})
+
+
+def test_image_only_eva_converts_and_starts_a_run_tower(tmp_path, tiny_eva, images, capsys):
+    """vlp-convert accepts an image-tower-only file; --init-from loads its tower; evaluation refuses it."""
+    from vlp_core.clip.cli import eval_main
+    from vlp_core.config import apply_overrides
+    from vlp_core.convert.cli import main as vlp_convert
+    from vlp_core.convert.vlp_format import load_vlp_checkpoint
+    from vlp_core.train.init_from import init_from
+
+    src = tmp_path / "eva.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_eva.state_dict().items()}, str(src))
+    out = tmp_path / "eva_vlp.safetensors"
+    assert vlp_convert([str(src), str(out), "--arch", ARCH]) == 0
+    saved, config, _ = load_vlp_checkpoint(out)
+    assert saved and not any(k.startswith("model.text.") for k in saved)
+
+    conv = eva.read_timm_eva(read_source(src), ARCH)
+    cfg = apply_overrides(conv.config, ["model.text.vocab_size=0", "model.text.width=32", "model.text.heads=2",
+                                        "model.text.depth=1"])
+    tok = SimpleNamespace(vocab_size=64, pad_id=0, eot_id=63, bos_id=62)
+    step = TrainStep(build_model(cfg, tok), build_loss(cfg)).eval()
+    parts = init_from(step, str(out), cfg)
+    assert parts == {"loaded": ["model.visual", "model.image_proj"], "kept": ["model.text"]}
+    with torch.no_grad():
+        _close(step.model.encode_image(images), tiny_eva(images))
+
+    assert eval_main([str(out), "--imagefolder", str(tmp_path)]) == 2
+    assert "image tower only" in capsys.readouterr().err

@@ -161,8 +161,20 @@ def _listing(items: list[str]) -> str:
     return ", ".join(items[:_SHOW]) + more
 
 
+IMAGE_ONLY_MAY_LACK = ("model.text.", "model.text_proj.", "loss.")
+
+
+def is_image_only(state_dict: dict[str, Tensor]) -> bool:
+    """A converted checkpoint that holds the image tower alone (see :func:`check_state_dict`)."""
+    return not any(k.startswith("model.text.") for k in state_dict)
+
+
 def check_state_dict(state_dict: dict[str, Tensor], cfg: RunConfig, *, layout: str) -> None:
     """Require ``state_dict`` to load strictly into the model ``cfg`` builds (same keys, same shapes).
+
+    One exception: an **image-tower-only** checkpoint (no ``model.text.*`` key at all, e.g. an EVA02 tower
+    released on its own) may lack the text tower, the text projection and the loss values; such a file
+    serves ``--init-from`` (and LLM2CLIP's vision towers), not evaluation.
 
     Raises:
         ConversionError: Naming the layout and the first few missing / unexpected / mis-shaped keys.
@@ -178,6 +190,8 @@ def check_state_dict(state_dict: dict[str, Tensor], cfg: RunConfig, *, layout: s
         raise ConversionError(f"{layout}: cannot build the vlp model of the converted config: {e}") from None
     problems = []
     missing = [k for k in expected if k not in state_dict]
+    if not any(k.startswith("model.text.") for k in state_dict):
+        missing = [k for k in missing if not k.startswith(IMAGE_ONLY_MAY_LACK)]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {expected[k]}" for k in expected
              if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
