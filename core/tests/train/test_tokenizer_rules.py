@@ -169,3 +169,24 @@ def test_other_data_with_eval_data_evaluates_there(tiny_world: Path, tmp_path: P
         parts = build_parts(cfg, METHOD, world=world, device=torch.device("cpu"))
     assert parts.eval_root == tiny_world
     assert "skipping evaluation" not in caplog.text
+
+
+def test_vit_b32_on_real_data_records_clip_bpe(tiny_world: Path, tmp_path: Path, capsys) -> None:
+    """The README's command: `clip-train --preset vit_b32 --train-data X` trains with the CLIP BPE tokenizer
+    (recorded in config.yaml); with the tokenizer unset it stops at once with the one-line error. Depth 1 keeps
+    the step cheap; every other setting is the preset's."""
+    import yaml
+
+    from vlp_core.clip.cli import train_main
+
+    own = write_shard(tmp_path / "shards" / "00000.tar", tiny_world, n=4)
+    common = ["--preset", "vit_b32", "--train-data", str(own), "--steps", "1", "--batch-size", "2", "--workers", "0",
+              "--set", "model.vision.depth=1", "--set", "model.text.depth=1", "--set", "train.progress=false",
+              "--set", "train.save_every=100"]
+    assert train_main([*common, "--output-dir", str(tmp_path / "run")]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["text"]["tokenizer"] == "clip-bpe" and saved["model"]["text"]["context_length"] == 77
+    capsys.readouterr()
+    assert train_main([*common, "--set", "model.text.tokenizer=", "--output-dir", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.text.tokenizer is not set" in err and "clip-bpe" in err
