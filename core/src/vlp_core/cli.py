@@ -196,8 +196,11 @@ def _read_for_eval(method: MethodSpec, checkpoint: str) -> tuple[RunConfig, dict
                          f"evaluate it with {converted.config.method}-eval, not {method.name}-eval")
     cfg = method.preset(method.default_preset)
     from_dict(cfg, to_dict(converted.config))
-    # Step -1 marks a checkpoint that did not come from a vlp run: it needs evaluation sets named.
-    return cfg, converted.state_dict, -1, path.parent if path.is_file() else path
+    # A model trained on the shapes world (a vlp run exported to a file: no tokenizer named, the world's is
+    # used) evaluates like its run; anything else (released weights) has no world: step -1 marks it, and it
+    # needs evaluation sets named.
+    step = converted.step if not cfg.model.text.tokenizer else -1
+    return cfg, converted.state_dict, step, path.parent if path.is_file() else path
 
 
 def _evaluate_checkpoint(method: MethodSpec, args: argparse.Namespace) -> dict[str, float]:
