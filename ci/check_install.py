@@ -39,4 +39,13 @@ with tempfile.TemporaryDirectory() as tmp:
     sh("clip-train", "--preset", "smoke", "--set", f"data.world_dir={world}", "--output-dir", str(run),
        "--set", "train.progress=false")
     sh("clip-eval", str(run))
+    # The converter and the assets shipped as package data (CLIP BPE vocabulary, ImageNet names/templates).
+    sh("vlp-convert", str(run), str(Path(tmp) / "run.safetensors"))
+    sh("clip-eval", str(Path(tmp) / "run.safetensors"), "--set", f"data.world_dir={world}")
+    check = ("from vlp_core.data.tokenizer import Tokenizer; t = Tokenizer.from_pretrained('clip-bpe', "
+             "context_length=77); assert t('a photo of a cat')[0, :6].tolist() == [49406, 320, 1125, 539, 320, 2368]"
+             "; from vlp_core.eval.imagenet import imagenet_classnames as c, imagenet_templates as t"
+             "; assert len(c()) == 1000 and len(t()) == 80")
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=tmp)
+    print("ok: clip-bpe and the ImageNet metadata load from the wheel")
 print("wheel install check passed")
