@@ -137,6 +137,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     seed: int = 0
     augment: bool = False
+    # Paper presets: an empty train_data is an error (it would otherwise mean the shapes-world demo).
+    require_train_data: bool = False
 
 
 @dataclass(kw_only=True)

@@ -190,3 +190,11 @@ def test_vit_b32_on_real_data_records_clip_bpe(tiny_world: Path, tmp_path: Path,
     assert train_main([*common, "--set", "model.text.tokenizer=", "--output-dir", str(tmp_path / "run2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.text.tokenizer is not set" in err and "clip-bpe" in err
+
+
+def test_paper_preset_without_train_data_is_an_error(tmp_path: Path, no_generation) -> None:
+    """`clip-train --preset vit_b32` with no --train-data must not train ViT-B/32 on the shapes world."""
+    cfg = METHOD.preset("vit_b32")
+    cfg.data.world_dir = str(tmp_path / "world")
+    with pytest.raises(ValueError, match="preset 'vit_b32' trains on real data: pass --train-data"):
+        resolve_world(cfg, INFO)

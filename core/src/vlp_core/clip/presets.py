@@ -67,6 +67,7 @@ def vit_b32() -> RunConfig:
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = 5e-4, 0.2, 2000
     cfg.train.steps, cfg.train.batch_size, cfg.train.save_every = 100_000, 32768, 1000
     cfg.data.workers, cfg.data.resampled, cfg.data.augment = 8, True, True
+    cfg.data.require_train_data = True
     return cfg
 
 
@@ -81,7 +82,7 @@ def siglip_b16() -> RunConfig:
     SigLIP's 32,000-id sentencepiece (``google/siglip-base-patch16-224``: needs the hub or a local copy of
     it), 12x768, 12 heads, bidirectional and attending to its pads, last-position pooling, ``gelu_tanh``,
     eps 1e-6, a linear head with bias. Images resized bilinearly, mean = std = 0.5. Sigmoid loss with
-    learnable scale (log 10) and bias (-10). 203,156,482 parameters (model + loss), as ``SiglipModel``.
+    learnable scale (log 10) and bias (-10). 203,155,970 parameters (model + loss), as ``SiglipModel``.
     """
     cfg = vit_b32()
     cfg.loss = ClipConfig(kind="siglip")

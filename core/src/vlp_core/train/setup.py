@@ -110,6 +110,12 @@ def uses_world(cfg: RunConfig) -> bool:
     return not cfg.data.train_data.strip() or data_worlds(cfg) is not None
 
 
+def _check_train_data(cfg: RunConfig) -> None:
+    if cfg.data.require_train_data and not cfg.data.train_data.strip():
+        raise ValueError(f"preset {cfg.preset!r} trains on real data: pass --train-data (e.g. "
+                         "'laion/{00000..09999}.tar'); the shapes world is for the demo presets")
+
+
 def resolve_world(cfg: RunConfig, info: DistInfo) -> Path | None:
     """The shapes world's folder when the run trains on it, generated once (by rank 0; the others wait); else None.
 
@@ -123,8 +129,10 @@ def resolve_world(cfg: RunConfig, info: DistInfo) -> Path | None:
 
     Other data uses no world (None), so it is never generated for it: ``model.text.tokenizer`` must be set
     (else a ValueError here, before anything heavy; a missing shard is reported first), and evaluation needs
-    ``eval.data`` (without it, it is skipped).
+    ``eval.data`` (without it, it is skipped). A paper preset (``data.require_train_data``) with no
+    ``data.train_data`` is an error, never the demo world.
     """
+    _check_train_data(cfg)
     worlds = data_worlds(cfg)
     if worlds is None:
         if not cfg.model.text.tokenizer:

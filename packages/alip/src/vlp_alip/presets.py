@@ -66,6 +66,7 @@ def alip_b32_yfcc15m() -> RunConfig:
     tr.steps, tr.batch_size, tr.accum_steps, tr.grad_clip = 117_696, 4096, 1, 1.0
     tr.grad_checkpointing, tr.save_every, tr.log_every = True, 3678, 50
     cfg.data.workers, cfg.data.resampled, cfg.data.augment, cfg.data.shuffle_buffer = 8, True, True, 16384
+    cfg.data.require_train_data = True
     return cfg
 
 

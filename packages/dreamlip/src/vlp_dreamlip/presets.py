@@ -77,6 +77,7 @@ def _vit_b16(data: str, batch: int, weight_decay: float, eps: float) -> RunConfi
     cfg.train.steps = math.ceil(32 * RELEASE_SAMPLES[data] / batch)
     cfg.train.save_every = 2000
     cfg.data.workers, cfg.data.resampled, cfg.data.augment = 8, True, True
+    cfg.data.require_train_data = True
     return cfg
 
 

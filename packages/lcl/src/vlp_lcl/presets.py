@@ -103,6 +103,7 @@ def lcl_b32_laion() -> RunConfig:
     cfg.train.steps, cfg.train.batch_size, cfg.train.save_every = 400_000, 32768, 1000
     cfg.train.grad_clip = 0.0  # no gradient clipping in the official runs
     cfg.data.workers, cfg.data.resampled, cfg.data.augment = 10, True, True
+    cfg.data.require_train_data = True
     return cfg
 
 

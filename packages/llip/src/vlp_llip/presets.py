@@ -96,6 +96,7 @@ def paper_config(
     o.lr, o.weight_decay, o.beta1, o.beta2, o.eps, o.warmup_steps = lr, 0.2, 0.9, 0.95, 1e-6, 2000
     cfg.train.steps, cfg.train.batch_size, cfg.train.grad_clip, cfg.train.save_every = 390_625, 32768, 0.0, 1000
     cfg.data.workers, cfg.data.resampled, cfg.data.augment = 8, True, True
+    cfg.data.require_train_data = True
     return cfg
 
 

@@ -86,6 +86,7 @@ def _paper_stage2(vision: VisionConfig, image_proj: str, head_init: str) -> RunC
     cfg.train.batch_size, cfg.train.steps, cfg.train.grad_clip = 4096, 4 * 15_000_000 // 4096, 5.0
     cfg.train.grad_checkpointing, cfg.train.save_every = True, 1000
     cfg.data.workers, cfg.data.resampled, cfg.data.augment = 8, True, True
+    cfg.data.require_train_data = True
     return cfg
 
 
@@ -154,6 +155,7 @@ def llama3_8b_cc() -> RunConfig:
     cfg.train.batch_size, cfg.train.steps, cfg.train.grad_checkpointing = 512, 8554, True
     cfg.train.save_every, cfg.train.image_grid_every = 500, 0
     cfg.data.workers = 8
+    cfg.data.require_train_data = True
     return cfg
 
 
