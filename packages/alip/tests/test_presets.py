@@ -4,7 +4,6 @@ config, built here with open_clip), and one real training step of a reduced copy
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import pytest
@@ -13,7 +12,15 @@ from vlp_alip import METHOD
 from vlp_alip.presets import PRESETS
 
 from vlp_core.convert.archs import CLIP_MEAN, CLIP_STD, openai_clip_config
-from vlp_core.testing.presets import build_on_meta, count_parameters, load_tokenizer, one_step, reduced, shapes_samples
+from vlp_core.testing.presets import (
+    build_on_meta,
+    count_parameters,
+    load_tokenizer,
+    one_step,
+    parameter_shapes,
+    reduced,
+    shapes_samples,
+)
 
 # Model + loss parameters at full size, and where the expected number comes from.
 EXPECTED_PARAMS = {
@@ -25,13 +32,7 @@ EXPECTED_PARAMS = {
     "smoke": 38_817,
 }
 PAPER = ("alip_b32_yfcc15m",)
-
-
-def _shapes(module: nn.Module) -> collections.Counter:
-    """Parameter shapes without size-1 dims, projection matrices as [W, E] (OpenCLIP's layout)."""
-    out = collections.Counter(tuple(s for s in p.shape if s != 1) for p in module.parameters())
-    out[(768, 512)] += out.pop((512, 768), 0)
-    return out
+PROJ = ((512, 768),)  # ViT-B/32's projection shapes, [E, W] in nn.Linear
 
 
 def test_every_preset_has_an_expected_count():
@@ -66,7 +67,8 @@ def test_paper_preset_is_openclip_vit_b32_with_clip_bpe():
     assert isinstance(ref.visual.transformer.resblocks[0].mlp.gelu, nn.GELU)
     model, loss = build_on_meta(METHOD, cfg)
     assert count_parameters(model, loss) == count_parameters(ref) == EXPECTED_PARAMS["alip_b32_yfcc15m"]
-    assert _shapes(model) + _shapes(loss) == _shapes(ref)
+    # Same tensors up to layout (projections: OpenCLIP [W, E], ours nn.Linear [E, W]).
+    assert parameter_shapes(model, loss, transpose=PROJ) == parameter_shapes(ref, transpose=PROJ)
 
 
 def _samples(n: int) -> list[dict]:

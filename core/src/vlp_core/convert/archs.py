@@ -22,6 +22,7 @@ from typing import Any
 
 from vlp_core.clip.config import ClipConfig
 from vlp_core.config import ModelConfig, RunConfig, TextConfig, VisionConfig
+from vlp_core.convert.registry import ConversionError, listing
 
 __all__ = [
     "ClipArch",
@@ -273,14 +274,7 @@ class ClipSizes:
                 f"context {self.context_length}, vocab {self.vocab_size}; embed {self.embed_dim}")
 
 
-def _listing(items: list[str], show: int = 5) -> str:
-    more = f" (+{len(items) - show} more)" if len(items) > show else ""
-    return ", ".join(items[:show]) + more
-
-
 def _fail(layout: str, path: object, what: str) -> ValueError:
-    from vlp_core.convert.registry import ConversionError
-
     return ConversionError(f"{path}: {layout} checkpoint: {what}")
 
 
@@ -326,7 +320,7 @@ def resolve_arch(
         a = arch_from_open_clip_config(model_cfg, f"{path}/open_clip_config.json")
         wrong = _arch_mismatch(a, s)
         if wrong:
-            raise _fail(layout, path, f"the weights do not match open_clip_config.json: {_listing(wrong)}")
+            raise _fail(layout, path, f"the weights do not match open_clip_config.json: {listing(wrong)}")
         if layout == "openai" and a.act != "quick_gelu":
             raise _fail(layout, path, "OpenAI checkpoints use QuickGELU, but open_clip_config.json says GELU")
         return a
@@ -347,7 +341,7 @@ def resolve_arch(
     wrong = _arch_mismatch(a, s)
     if wrong:
         hint = f"; archs that fit: {', '.join(fits)}" if fits else ""
-        raise _fail(layout, path, f"does not match --arch {arch}: {_listing(wrong)}{hint}")
+        raise _fail(layout, path, f"does not match --arch {arch}: {listing(wrong)}{hint}")
     if layout == "openai" and a.act != "quick_gelu":
         raise _fail(layout, path, f"OpenAI checkpoints use QuickGELU, but --arch {arch} is GELU "
                                   f"(use {arch}-quickgelu)")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp_core.config import RunConfig, from_dict
-from vlp_core.convert.registry import ConversionError, Converted
+from vlp_core.convert.registry import ConversionError, Converted, key_problems, shape_mismatches
 
 __all__ = [
     "load_methods",
@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("vlp")
-_SHOW = 5
 # OpenAI's BPE as shipped in vlp-core ("clip-bpe"): start/end of text and padding ids.
 _CLIP_BPE = {"vocab_size": 49408, "bos_id": 49406, "eot_id": 49407, "pad_id": 0}
 _loaded: dict[str, Any] = {}
@@ -156,11 +155,6 @@ def build_loaded(cfg: RunConfig, state_dict: dict[str, Tensor], *, device: str |
     return step
 
 
-def _listing(items: list[str]) -> str:
-    more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-    return ", ".join(items[:_SHOW]) + more
-
-
 IMAGE_ONLY_MAY_LACK = ("model.text.", "model.text_proj.", "loss.")
 
 
@@ -188,21 +182,13 @@ def check_state_dict(state_dict: dict[str, Tensor], cfg: RunConfig, *, layout: s
         raise
     except Exception as e:  # noqa: BLE001 - a config the model builder rejects
         raise ConversionError(f"{layout}: cannot build the vlp model of the converted config: {e}") from None
-    problems = []
     missing = [k for k in expected if k not in state_dict]
     if not any(k.startswith("model.text.") for k in state_dict):
         missing = [k for k in missing if not k.startswith(IMAGE_ONLY_MAY_LACK)]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {expected[k]}" for k in expected
-             if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_listing(wrong)}")
+    problems = key_problems(missing, unexpected, shape_mismatches(state_dict, expected, expected))
     if problems:
-        raise ConversionError(f"{layout} -> vlp: the converted weights do not fit the model: " + "; ".join(problems))
+        raise ConversionError(f"{layout} -> vlp: the converted weights do not fit the model: {problems}")
 
 
 def check_converted(converted: Converted) -> None:

@@ -43,7 +43,7 @@ from torch import Tensor
 from vlp_core.clip.config import ClipConfig
 from vlp_core.config import RunConfig
 from vlp_core.convert.archs import CLIP_MEAN, CLIP_STD, mlp_ratio_for
-from vlp_core.convert.registry import ConversionError, Converted, Reader, Source, register_reader
+from vlp_core.convert.registry import ConversionError, Converted, Reader, Source, listing, register_reader
 
 __all__ = ["read_timm_eva", "parse_arch", "eva_candidates"]
 
@@ -57,7 +57,6 @@ _TEXT_OPTIONS = ("text_heads", "text_act")
 # timm kwargs that vlp's tower sets itself (a timm hub config.json records them in model_args).
 _VLP_SET = ("num_classes", "global_pool", "img_size", "use_fc_norm", "fc_norm", "drop_path_rate", "pretrained_cfg",
             "pretrained_cfg_overlay")
-_SHOW = 5
 # The OpenCLIP text tower each EVA-CLIP image tower was trained with (width, layers, heads; OpenCLIP's
 # EVA*-CLIP model configs): an image-only conversion's config describes that CLIP, without text weights.
 _EVA_CLIP_TEXT = {"eva02_base_patch16_clip_224": (512, 12, 8), "eva02_large_patch14_clip_224": (768, 12, 12),
@@ -67,11 +66,6 @@ _EVA_CLIP_TEXT = {"eva02_base_patch16_clip_224": (512, 12, 8), "eva02_large_patc
 
 def _fail(source: Source, what: str) -> ConversionError:
     return ConversionError(f"{source.path}: timm-eva: {what}")
-
-
-def _listing(keys: list[str]) -> str:
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(sorted(keys)[:_SHOW]) + more
 
 
 def _prefix(sd: dict[str, Tensor]) -> str | None:
@@ -228,7 +222,7 @@ def _image_tower(
     # timm's filter skips keys outside the tower's prefix: nothing may be left behind unseen.
     stray = [k for k in source.state_dict if not k.startswith((prefix, _TEXT)) and k != "logit_scale"]
     if stray:
-        raise _fail(source, f"unexpected key(s) {_listing(stray)} beside the image tower under {prefix!r}")
+        raise _fail(source, f"unexpected key(s) {listing(sorted(stray))} beside the image tower under {prefix!r}")
     try:
         with torch.device("meta"):
             ref = timm.create_model(name, pretrained=False, num_classes=sizes["head"], img_size=sizes["image_size"],
@@ -243,8 +237,9 @@ def _image_tower(
     wrong = [f"{k} {list(tower[k].shape)} vs {list(expected[k])}" for k in expected
              if k in tower and tuple(tower[k].shape) != expected[k]]
     if missing or unexpected or wrong:
-        raise _fail(source, f"the weights do not fit timm {name} {timm_kwargs}: missing {_listing(missing)}; "
-                    f"unexpected {_listing(unexpected)}; shapes {_listing(wrong)}")
+        raise _fail(source, f"the weights do not fit timm {name} {timm_kwargs}: "
+                    f"missing {listing(sorted(missing))}; unexpected {listing(sorted(unexpected))}; "
+                    f"shapes {listing(sorted(wrong))}")
     out = {f"model.visual.trunk.{k}": v for k, v in tower.items() if not k.startswith("head.")}
     if sizes["head"]:
         out["model.image_proj.weight"], out["model.image_proj.bias"] = tower["head.weight"], tower["head.bias"]
@@ -273,13 +268,14 @@ def _text_tower(source: Source) -> dict[str, Tensor]:
         elif k != "text.attn_mask":
             left.append(k)
     if left:
-        raise _fail(source, f"unexpected text tower key(s) {_listing(left)} (OpenCLIP's TextTransformer expected)")
+        raise _fail(source, f"unexpected text tower key(s) {listing(sorted(left))} "
+                    "(OpenCLIP's TextTransformer expected)")
     needed = {"model.text.token_embedding.weight": "text.token_embedding.weight",
               "model.text.positional_embedding": "text.positional_embedding",
               "model.text.ln_final.weight": "text.ln_final.weight", "model.text_proj.weight": "text.text_projection"}
     absent = [theirs for ours, theirs in needed.items() if ours not in out]
     if absent:
-        raise _fail(source, f"the text tower has no {_listing(absent)}")
+        raise _fail(source, f"the text tower has no {listing(sorted(absent))}")
     if "logit_scale" not in sd:
         raise _fail(source, "a text tower without logit_scale")
     out["loss.loss.logit_scale"] = sd["logit_scale"].reshape(())

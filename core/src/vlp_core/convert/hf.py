@@ -43,6 +43,7 @@ from vlp_core.convert.registry import (
     Reader,
     Source,
     Writer,
+    listing,
     register_reader,
     register_writer,
 )
@@ -198,16 +199,11 @@ def _apply(rules: Sequence[Rule], tensors: dict[str, Tensor], *, forward: bool, 
         results = (rule.to_vlp if forward else rule.to_hf)([tensors[k] for k in src])
         out.update(zip(dst, results, strict=True))
     if missing:
-        raise ConversionError(f"{where}: missing tensor(s) {_listing(missing)}")
+        raise ConversionError(f"{where}: missing tensor(s) {listing(sorted(missing))}")
     extra = [k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
     if forward and extra:
-        raise ConversionError(f"{where}: unexpected tensor(s) {_listing(extra)} (not part of the layout)")
+        raise ConversionError(f"{where}: unexpected tensor(s) {listing(sorted(extra))} (not part of the layout)")
     return out
-
-
-def _listing(keys: Sequence[str], show: int = 5) -> str:
-    more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
-    return ", ".join(sorted(keys)[:show]) + more
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -560,7 +556,7 @@ def write_hf(converted: Converted, out: Path) -> None:
     sd = _apply(rules, src, forward=False, where=f"vlp checkpoint ({converted.layout})")
     extra = [k for k in src if k not in used]
     if extra:
-        raise ConversionError(f"model tensor(s) with no place in an HF {kind} model: {_listing(extra)}")
+        raise ConversionError(f"model tensor(s) with no place in an HF {kind} model: {listing(sorted(extra))}")
     *ids, tokenizer = _text_ids(cfg, kind)
     hf_cfg = _hf_config_for(kind, cfg, state, tuple(ids))
     if kind == "clip" and "loss.loss.logit_bias" in state:

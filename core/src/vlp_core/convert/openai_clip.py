@@ -37,6 +37,8 @@ from vlp_core.convert.registry import (
     Reader,
     Source,
     Writer,
+    key_problems,
+    listing,
     register_reader,
     register_writer,
 )
@@ -57,7 +59,6 @@ log = logging.getLogger("vlp")
 
 OPENAI_BUFFERS = ("input_resolution", "context_length", "vocab_size")
 _IGNORED = re.compile(r"^(attn_mask|.*\.attn_mask)$")  # OpenCLIP's causal mask (a buffer in old versions)
-_SHOW = 5
 _VISUAL_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
 _TEXT_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
 # OpenAI block key suffix <-> vlp (timm / CausalTextTransformer) block key suffix.
@@ -70,11 +71,6 @@ _BLOCK_KEYS = {
     "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
 }
 _TIMM_BLOCK = {"ln_1.": "norm1.", "ln_2.": "norm2."}  # timm names the block norms norm1/norm2
-
-
-def _listing(items: list[str]) -> str:
-    more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-    return ", ".join(items[:_SHOW]) + more
 
 
 def _fail(layout: str, path: Path | str, what: str) -> ConversionError:
@@ -153,19 +149,13 @@ def openai_key_shapes(s: ClipSizes) -> dict[str, tuple[int, ...]]:
 def check_openai_keys(sd: dict[str, Tensor], s: ClipSizes, *, layout: str, path: Path | str) -> None:
     """Missing, unexpected and wrongly shaped keys of ``sd`` against the sizes ``s``, all named in one line."""
     expected = openai_key_shapes(s)
-    problems = []
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {expected[k]})" for k in expected
              if k in sd and tuple(sd[k].shape) != expected[k] and not (k == "logit_scale" and sd[k].numel() == 1)]
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_listing(wrong)}")
+    problems = key_problems(missing, unexpected, wrong)
     if problems:
-        raise _fail(layout, path, "; ".join(problems) + f" [sizes read from the keys: {s.describe()}]")
+        raise _fail(layout, path, f"{problems} [sizes read from the keys: {s.describe()}]")
 
 
 def _unsupported_towers(sd: dict[str, Tensor]) -> str:
@@ -383,11 +373,11 @@ def to_open_clip(converted: Converted) -> dict[str, Tensor]:
     """The OpenCLIP/OpenAI-layout state dict of a vlp CLIP; ConversionError for other model layouts."""
     why = _writer_check(converted.config)
     if why:
-        raise ConversionError(f"cannot write open_clip from a {converted.layout} model: {_listing(why)}")
+        raise ConversionError(f"cannot write open_clip from a {converted.layout} model: {listing(why)}")
     sd, left = vlp_to_openai(converted.state_dict)
     if left:
         raise ConversionError(f"cannot write open_clip from a {converted.layout} model: keys with no OpenCLIP "
-                              f"name: {_listing(left)}")
+                              f"name: {listing(left)}")
     sizes = infer_sizes(sd, layout=converted.layout, path="model")
     check_openai_keys({k: v for k, v in sd.items() if k != "logit_bias"}, sizes, layout=converted.layout,
                       path="model")

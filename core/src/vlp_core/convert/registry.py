@@ -12,7 +12,7 @@ points first).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,41 @@ __all__ = [
     "register_writer",
     "detect_reader",
     "ConversionError",
+    "listing",
+    "key_problems",
+    "shape_mismatches",
 ]
+
+SHOW = 5  # keys named in an error message before "(+N more)"
 
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted: unknown layout, missing/unexpected keys, wrong shapes."""
+
+
+def listing(items: Sequence[str], show: int = SHOW) -> str:
+    """The first ``show`` items, comma-separated, then ``(+N more)``: how an error message names keys."""
+    more = f" (+{len(items) - show} more)" if len(items) > show else ""
+    return ", ".join(items[:show]) + more
+
+
+def key_problems(missing: Sequence[str], unexpected: Sequence[str] = (), mismatched: Sequence[str] = ()) -> str:
+    """``missing keys: ...; unexpected keys: ...; shape mismatch: ...`` for the lists that are not empty.
+
+    Returns:
+        The parts joined by ``"; "``, each a :func:`listing`; ``""`` when all three lists are empty.
+    """
+    parts = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+    return "; ".join(f"{label}: {listing(keys)}" for label, keys in parts if keys)
+
+
+def shape_mismatches(
+    state_dict: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], keys: Iterable[str]
+) -> list[str]:
+    """``"key (shape) vs model (expected shape)"`` for each of ``keys`` (in order) that ``state_dict`` and
+    ``expected`` both hold with different shapes."""
+    return [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}" for k in keys
+            if k in state_dict and k in expected and tuple(state_dict[k].shape) != tuple(expected[k])]
 
 
 @dataclass

@@ -17,9 +17,7 @@ convert/evaluate trainer checkpoints you wrote yourself. Every other file goes t
 from __future__ import annotations
 
 import logging
-import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from vlp_core.convert.registry import (
     register_writer,
 )
 from vlp_core.convert.safe_load import read_weights_file
+from vlp_core.train.checkpoint import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -56,27 +55,6 @@ log = logging.getLogger("vlp")
 FORMAT = "vlp"
 VERSION = "1"
 _TRAINER_NAME = re.compile(r"^step_\d+\.pt$")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp_path)``, fsync the file, then rename it to ``path`` (a crash leaves no partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def unshared(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -155,6 +155,27 @@ def _own_samples(urls: list[str], rank: int, world_size: int) -> Iterator[tuple[
             yield pos, sample
 
 
+def _shard_batches(
+    urls: list[str], parse: Callable[[dict[str, Any]], tuple[Any, ...] | None], *, image_size: int, rank: int,
+    world_size: int, batch_size: int, interpolation: str, name: str,
+) -> ImageBatches:
+    """Batches ``(images_uint8_BCHW, *fields)`` of this rank's share of ``urls``: ``parse(sample)`` gives the
+    fields of a sample with an image, or ``None`` to skip it (as is a sample without an image)."""
+
+    def raw_items() -> Iterator[RawItem]:
+        for _, sample in _own_samples(urls, rank, world_size):
+            data = _image_bytes(sample)
+            fields = None if data is None else parse(sample)
+            if data is None or fields is None:
+                yield None
+                continue
+            yield data, fields
+
+    return ImageBatches(
+        raw_items, image_size=image_size, batch_size=batch_size, name=name, interpolation=interpolation
+    )
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size <= 0 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world_size {world_size}")
@@ -212,26 +233,22 @@ def labelled_shard_batches(
     """Batches ``(images_uint8_BCHW, labels_B)`` of shards whose samples hold an image and a ``cls`` member
     (the class index as ASCII text); a label outside ``num_classes`` (listed in ``classes_file``) is an error."""
 
-    def raw_items() -> Iterator[RawItem]:
-        for _, sample in _own_samples(urls, rank, world_size):
-            data = _image_bytes(sample)
-            try:
-                label = int(sample["cls"].decode("ascii").strip())
-            except (KeyError, UnicodeDecodeError, ValueError):
-                label = None
-            if data is None or label is None:
-                yield None
-                continue
-            if not 0 <= label < num_classes:
-                # A label beyond the class list means the shards and the class list do not belong together.
-                raise ValueError(
-                    f"label {label} of sample {sample['__key__']} in {sample['__url__']} is outside the "
-                    f"{num_classes} classes of {classes_file}"
-                )
-            yield data, (label,)
+    def label_of(sample: dict[str, Any]) -> tuple[int] | None:
+        try:
+            label = int(sample["cls"].decode("ascii").strip())
+        except (KeyError, UnicodeDecodeError, ValueError):
+            return None
+        if not 0 <= label < num_classes:
+            # A label beyond the class list means the shards and the class list do not belong together.
+            raise ValueError(
+                f"label {label} of sample {sample['__key__']} in {sample['__url__']} is outside the "
+                f"{num_classes} classes of {classes_file}"
+            )
+        return (label,)
 
-    return ImageBatches(
-        raw_items, image_size=image_size, batch_size=batch_size, name=name, interpolation=interpolation
+    return _shard_batches(
+        urls, label_of, image_size=image_size, rank=rank, world_size=world_size, batch_size=batch_size,
+        interpolation=interpolation, name=name,
     )
 
 
@@ -455,24 +472,20 @@ def load_compositional_shards(
         Batches of ``(images_uint8_BCHW, positives: list[str], negatives: list[str])``.
     """
     folder = Path(folder)
-    urls = _shard_urls(folder, "compositional")
-
-    def raw_items() -> Iterator[RawItem]:
-        for _, sample in _own_samples(urls, rank, world_size):
-            data = _image_bytes(sample)
-            try:
-                meta = json.loads(sample["json"])
-                pos, neg = meta["positive"], meta["negative"]
-            except (KeyError, TypeError, ValueError):
-                pos = neg = None
-            if data is None or not isinstance(pos, str) or not isinstance(neg, str):
-                yield None
-                continue
-            yield data, (pos, neg)
-
-    return ImageBatches(
-        raw_items, image_size=image_size, batch_size=batch_size, name=str(folder), interpolation=interpolation
+    return _shard_batches(
+        _shard_urls(folder, "compositional"), _positive_negative, image_size=image_size, rank=rank,
+        world_size=world_size, batch_size=batch_size, interpolation=interpolation, name=str(folder),
     )
+
+
+def _positive_negative(sample: dict[str, Any]) -> tuple[str, str] | None:
+    """The sample's ``(positive, negative)`` captions, or ``None`` (skip it) when its json lacks either."""
+    try:
+        meta = json.loads(sample["json"])
+        pos, neg = meta["positive"], meta["negative"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (pos, neg) if isinstance(pos, str) and isinstance(neg, str) else None
 
 
 def iter_image_batches(batches: Iterable[tuple[Any, ...]], max_batch: int) -> Iterator[tuple[Any, ...]]:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from vlp_core.convert.registry import key_problems, listing, shape_mismatches
 from vlp_core.convert.safe_load import TORCH_SUFFIXES, WEIGHT_FILES, read_source
 
 __all__ = ["WEIGHT_FILES", "load_pretrained", "read_state_dict", "select_prefix", "apply_state_dict"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SHOW = 5  # keys listed in an error message
 
 
 def _looks_local(source: str) -> bool:
@@ -76,11 +76,6 @@ def select_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Te
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _listing(keys: list[str]) -> str:
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(keys[:_SHOW]) + more
-
-
 def apply_state_dict(
     module: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True, source: str = "state dict"
 ) -> None:
@@ -97,24 +92,14 @@ def apply_state_dict(
     Raises:
         ValueError: On shape mismatches, or on missing/unexpected keys when strict.
     """
-    own = module.state_dict()
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and own[k].shape != v.shape
-    ]
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    mismatched = shape_mismatches(state_dict, own, state_dict)
     if mismatched:
-        raise ValueError(f"shape mismatch loading {source}: {_listing(mismatched)}")
+        raise ValueError(f"shape mismatch loading {source}: {listing(mismatched)}")
     if strict:
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {_listing(unexpected)}")
+        problems = key_problems([k for k in own if k not in state_dict], [k for k in state_dict if k not in own])
         if problems:
-            raise ValueError(f"cannot load {source}: " + "; ".join(problems))
+            raise ValueError(f"cannot load {source}: {problems}")
     module.load_state_dict(dict(state_dict), strict=strict)
 
 
@@ -134,6 +119,6 @@ def load_pretrained(module: nn.Module, source: str, *, prefix: str = "", strict:
     state_dict = read_state_dict(source)
     selected = select_prefix(state_dict, prefix)
     if prefix and not selected:
-        sample = _listing(sorted(state_dict))
+        sample = listing(sorted(state_dict))
         raise ValueError(f"no key of {source} starts with prefix {prefix!r}; keys look like: {sample}")
     apply_state_dict(module, selected, strict=strict, source=source)

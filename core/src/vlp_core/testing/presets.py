@@ -26,6 +26,7 @@ id-only stand-in a meta build needs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -48,6 +49,7 @@ __all__ = [
     "meta_tokenizer",
     "build_on_meta",
     "count_parameters",
+    "parameter_shapes",
     "reduced",
     "one_step",
     "shapes_samples",
@@ -162,6 +164,20 @@ def count_parameters(model: nn.Module, loss: nn.Module | None = None, *, trainab
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def parameter_shapes(*modules: nn.Module, transpose: Iterable[tuple[int, ...]] = ()) -> collections.Counter:
+    """How often each parameter shape occurs in ``modules``, to compare a build with a reference implementation
+    tensor by tensor up to layout.
+
+    Size-1 dims are dropped (timm keeps ``cls_token`` as [1, 1, W] and ``pos_embed`` as [1, T, W]), and each
+    shape in ``transpose`` is counted reversed (OpenCLIP stores projections as [W, E] matrices, ``nn.Linear``
+    weights are [E, W]: pass ``((512, 768),)`` on both sides for a ViT-B with 512-dim embeddings).
+    """
+    out = collections.Counter(tuple(s for s in p.shape if s != 1) for m in modules for p in m.parameters())
+    for shape in transpose:
+        out[shape[::-1]] += out.pop(shape, 0)
+    return out
 
 
 def _timm_patch(cfg_v: Any) -> int:

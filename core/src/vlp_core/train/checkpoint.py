@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointManager", "rng_state", "set_rng_state", "atomic_save"]
+__all__ = ["CheckpointManager", "rng_state", "set_rng_state", "atomic_save", "atomic_write"]
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -41,19 +42,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp_path)``, fsync the file, then rename it to ``path`` (a crash leaves no partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
     except OSError:
         pass
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class CheckpointManager:

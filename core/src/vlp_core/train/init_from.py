@@ -27,6 +27,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vlp_core.config import RunConfig, to_dict
+from vlp_core.convert.registry import key_problems, listing, shape_mismatches
 
 __all__ = ["init_from", "read_converted", "load_towers"]
 
@@ -34,7 +35,6 @@ log = logging.getLogger("vlp")
 
 _TOWERS = ("model.visual.", "model.text.")
 _OPTIONAL = ("model.image_proj.", "model.text_proj.", "loss.")
-_SHOW = 5
 # Tower settings that change the function computed by the same weights.
 _MUST_MATCH = {
     "model.visual.": ("vision", ("act", "pre_norm", "norm_eps", "timm_name", "image_size")),
@@ -47,11 +47,6 @@ def read_converted(path: str, arch: str | None = None):
     from vlp_core.convert import read_checkpoint
 
     return read_checkpoint(path, arch)
-
-
-def _listing(keys: list[str]) -> str:
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(keys[:_SHOW]) + more
 
 
 def _check_settings(prefix: str, run_cfg: RunConfig, saved_cfg: Mapping[str, Any] | None, where: str) -> None:
@@ -86,6 +81,7 @@ def load_towers(
         ValueError: A tower the source holds does not fit (missing keys or shapes), or its settings differ.
     """
     own = target.state_dict()
+    own_shapes = {k: tuple(v.shape) for k, v in own.items()}
     chosen: dict[str, Tensor] = {}
     loaded, kept = [], []
     unknown = set(towers) - {"visual", "text"}
@@ -101,14 +97,10 @@ def load_towers(
             continue
         if run_cfg is not None:
             _check_settings(prefix, run_cfg, saved_cfg, where)
-        missing = [k for k in mine if k not in state_dict]
-        unexpected = [k for k in theirs if k not in own]
-        shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in mine if k in state_dict and state_dict[k].shape != own[k].shape]
-        problems = [f"{label}: {_listing(keys)}" for label, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if keys]
+        problems = key_problems([k for k in mine if k not in state_dict], [k for k in theirs if k not in own],
+                                shape_mismatches(state_dict, own_shapes, mine))
         if problems:
-            raise ValueError(f"cannot start {prefix.rstrip('.')} from {where}: " + "; ".join(problems))
+            raise ValueError(f"cannot start {prefix.rstrip('.')} from {where}: {problems}")
         chosen.update({k: state_dict[k] for k in mine})
         loaded.append(prefix.rstrip("."))
     projections = {"model.image_proj.": "model.visual", "model.text_proj.": "model.text"}
@@ -122,7 +114,7 @@ def load_towers(
             loaded.append(prefix.rstrip("."))
     if not chosen:
         raise ValueError(f"{where} holds no tower of this model (its keys look like: "
-                         f"{_listing(sorted(state_dict))})")
+                         f"{listing(sorted(state_dict))})")
     target.load_state_dict(chosen, strict=False)
     return {"loaded": loaded, "kept": kept}
 

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from vlp_core.config import RunConfig
-from vlp_core.convert.registry import ConversionError, Converted, Reader, Source, register_reader
+from vlp_core.convert.registry import ConversionError, Converted, Reader, Source, listing, register_reader
 from vlp_llip.presets import PAPER_PRESETS, PRESETS, paper_config
 
 __all__ = ["LlipArch", "LAYOUT", "ARCH_KEYS", "LLIP_READER", "detect_llip", "infer_arch", "official_shapes",
@@ -185,10 +185,6 @@ def _normalise(sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     return sd
 
 
-def _listing(keys: list[str], show: int = 5) -> str:
-    return ", ".join(keys[:show]) + (f" (+{len(keys) - show} more)" if len(keys) > show else "")
-
-
 def _check_shapes(sd: dict[str, Tensor], a: LlipArch, where: str) -> None:
     expected = official_shapes(a)
     missing = [k for k in expected if k not in sd]
@@ -201,7 +197,7 @@ def _check_shapes(sd: dict[str, Tensor], a: LlipArch, where: str) -> None:
     for what, keys in (("missing keys", missing), ("wrong shapes", wrong), ("unexpected keys", unexpected)):
         if keys:
             raise ConversionError(f"{where}: not Llip's layout for K={a.tokens}, width {a.vision_width}, D="
-                                  f"{a.embed_dim}: {what}: {_listing(keys)}")
+                                  f"{a.embed_dim}: {what}: {listing(keys)}")
 
 
 def _parse_arch(arch: str | None) -> tuple[str | None, dict[str, float]]:
