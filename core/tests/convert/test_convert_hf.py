@@ -16,6 +16,7 @@ from vlp_core.clip import build_loss, build_model
 from vlp_core.clip.config import ClipConfig
 from vlp_core.config import RunConfig
 from vlp_core.convert import hf as hf_convert
+from vlp_core.convert import hf_write
 from vlp_core.convert.registry import ConversionError, Converted, Source, detect_reader
 from vlp_core.train.loop import TrainStep
 
@@ -208,7 +209,7 @@ def test_hf_clip_round_trip_through_writer(tmp_path, hf_clip_dir):
     """HF -> vlp -> HF gives back every tensor exactly, and the written folder loads with CLIPModel."""
     path, model = hf_clip_dir
     conv = hf_convert.read_hf_clip(_read(path))
-    hf_convert.write_hf(conv, tmp_path / "out")
+    hf_write.write_hf(conv, tmp_path / "out")
     again = transformers.CLIPModel.from_pretrained(tmp_path / "out").eval()
     ref = model.state_dict()
     for k, v in again.state_dict().items():
@@ -248,7 +249,7 @@ def _random_vlp(kind: str) -> tuple[TrainStep, Converted]:
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_vlp_to_hf_gives_same_embeddings(tmp_path, kind):
     step, conv = _random_vlp(kind)
-    hf_convert.write_hf(conv, tmp_path / "out")
+    hf_write.write_hf(conv, tmp_path / "out")
     cls = transformers.CLIPModel if kind == "clip" else transformers.SiglipModel
     model = cls.from_pretrained(tmp_path / "out").eval()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
@@ -265,7 +266,7 @@ def test_written_clip_tokenizer_matches_open_clip(tmp_path):
     from vlp_core.data.tokenizer import Tokenizer
 
     step, conv = _random_vlp("clip")
-    hf_convert.write_hf(conv, tmp_path / "out")
+    hf_write.write_hf(conv, tmp_path / "out")
     tok = transformers.CLIPTokenizer.from_pretrained(tmp_path / "out")
     captions = ["a photo of a cat", "Two DOGS playing in the snow!", "what's that?  it's 3.14 m long !",
                 "naïve café, déjà vu", "a " * 40]
@@ -286,15 +287,15 @@ def test_writer_refuses_models_hf_cannot_express(tmp_path):
     conv.config.model.vision.pre_norm = False
     conv.config.model.text.pool = "mean"
     with pytest.raises(ConversionError, match="CLIPModel: .*pre_norm false.*text.pool 'mean'"):
-        hf_convert.write_hf(conv, tmp_path / "out")
+        hf_write.write_hf(conv, tmp_path / "out")
     _, conv = _random_vlp("siglip")
     conv.config.model.text.mask_pads = True
     with pytest.raises(ConversionError, match="SiglipModel: text.mask_pads true"):
-        hf_convert.write_hf(conv, tmp_path / "out")
+        hf_write.write_hf(conv, tmp_path / "out")
     _, conv = _random_vlp("clip")
     conv.state_dict["model.extra.weight"] = torch.zeros(3)
     with pytest.raises(ConversionError, match="no place in an HF clip model: model.extra.weight"):
-        hf_convert.write_hf(conv, tmp_path / "out")
+        hf_write.write_hf(conv, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written on failure
 
 
@@ -313,7 +314,7 @@ def test_open_clip_to_vlp_to_hf_round_trip(tmp_path):
     ))
     torch.save(ref.state_dict(), tmp_path / "open_clip.pt")
     conv = read_open_clip(_read(tmp_path / "open_clip.pt"), "quickgelu")
-    hf_convert.write_hf(conv, tmp_path / "hf")
+    hf_write.write_hf(conv, tmp_path / "hf")
     model = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     captions = ["a photo of a cat", "a diagram of an EVA tower", "two dogs!"]
@@ -344,7 +345,7 @@ def test_hf_siglip_round_trip_with_its_tokenizer(tmp_path, hf_siglip_dir):
     _word_tokenizer(path, 300)
     conv = hf_convert.read_hf_siglip(_read(path))
     assert conv.config.model.text.tokenizer == str(path.resolve())
-    hf_convert.write_hf(conv, tmp_path / "out")
+    hf_write.write_hf(conv, tmp_path / "out")
     again = transformers.SiglipModel.from_pretrained(tmp_path / "out").eval()
     ref = model.state_dict()
     for k, v in again.state_dict().items():

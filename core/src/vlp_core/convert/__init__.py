@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # Built-in converter modules, registered on import (those not present in this install are skipped).
-BUILTIN_MODULES = ("vlp_format", "openai_clip", "hf", "eva")
+BUILTIN_MODULES = ("vlp_format", "openai_clip", "hf", "hf_write", "eva")
 
 
 def load_converters() -> None:

@@ -194,3 +194,43 @@ def check_state_dict(state_dict: dict[str, Tensor], cfg: RunConfig, *, layout: s
 def check_converted(converted: Converted) -> None:
     """:func:`check_state_dict` of a reader's output."""
     check_state_dict(converted.state_dict, converted.config, layout=converted.layout)
+
+
+def as_clip(converted: Converted) -> Converted:
+    """A method's checkpoint as the CLIP baseline's, for the writers of foreign formats (``hf``, ``open_clip``).
+
+    Methods whose model is the core's dual encoder (ALIP, DreamLIP) keep their temperature (and bias) in their
+    own loss module (``loss.logit_scale``) next to method state (ALIP's running averages, DreamLIP's local
+    scale) that no foreign format has a place for. The dual encoder's weights and the temperature/bias are
+    kept; the rest of ``loss.*`` is dropped with a log line. A model with more than the dual encoder (Llip's
+    cross-attention, LCL's language model, LLM2CLIP's adapter) stops with an error naming what does not fit.
+    """
+    import copy
+
+    from vlp_core.clip.config import ClipConfig
+
+    cfg = converted.config
+    if cfg.method == "clip":
+        return converted
+    sd = converted.state_dict
+    found = {name: next((sd[k] for k in (f"loss.loss.{name}", f"loss.{name}") if k in sd), None)
+             for name in ("logit_scale", "logit_bias")}
+    if found["logit_scale"] is None:
+        raise ConversionError(f"{cfg.method} checkpoint: no logit scale (loss.logit_scale) to export")
+    state = {k: v for k, v in sd.items() if k.startswith("model.")}
+    state.update({f"loss.loss.{name}": v for name, v in found.items() if v is not None})
+    clip_cfg = copy.deepcopy(cfg)
+    clip_cfg.method, clip_cfg.preset = "clip", "custom"
+    clip_cfg.loss = ClipConfig(kind="siglip" if found["logit_bias"] is not None else "infonce",
+                               max_logit_scale=float(getattr(cfg.loss, "max_logit_scale", 100.0)))
+    try:
+        check_state_dict(state, clip_cfg, layout=converted.layout)
+    except ConversionError as e:
+        raise ConversionError(
+            f"a {cfg.method} model is not a CLIP dual encoder, so only --to vlp can hold it ({e})"
+        ) from None
+    dropped = sorted(k for k in sd if k.startswith("loss.") and k.split(".")[-1] not in found)
+    if dropped:
+        log.info("exporting %s's dual encoder as a CLIP model; method state not exported: %s", cfg.method,
+                 ", ".join(dropped))
+    return Converted(state_dict=state, config=clip_cfg, layout=converted.layout, step=converted.step)

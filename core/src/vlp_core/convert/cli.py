@@ -76,7 +76,12 @@ def _convert(args: argparse.Namespace) -> None:
         raise ConversionError(f"unknown output format --to {args.to!r} (known: {', '.join(WRITERS)})")
     if Path(args.out).resolve() == Path(args.src).resolve():
         raise ConversionError(f"output {args.out} is the source file itself")
-    WRITERS[args.to].write(read_checkpoint(args.src, args.arch), Path(args.out))
+    converted = read_checkpoint(args.src, args.arch)
+    if args.to != "vlp":
+        from vlp_core.convert.build import as_clip
+
+        converted = as_clip(converted)  # methods built on the dual encoder export as CLIP
+    WRITERS[args.to].write(converted, Path(args.out))
 
 
 def _one_line(e: BaseException) -> str:

@@ -240,6 +240,7 @@ class ClipBpe:
         if len(merges) != _CLIP_MERGES or any(len(m) != 2 for m in merges):
             raise ValueError(f"CLIP BPE vocabulary {path} does not hold {_CLIP_MERGES} merge pairs")
         chars = list(_bytes_to_unicode().values())
+        self.merges: list[tuple[str, ...]] = merges
         self._tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges), *_CLIP_SPECIALS]
         vocab = {t: i for i, t in enumerate(self._tokens)}
         if len(vocab) != len(self._tokens):
@@ -285,6 +286,11 @@ class ClipBpe:
             raise ValueError(f"clip-bpe: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         data = bytes(self._byte_of[c] for c in "".join(self._tokens[i] for i in ids))
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every token in id order (byte characters, the same with ``</w>``, the merges, the 2 specials)."""
+        return list(self._tokens)
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         return clip_bpe, ()

@@ -92,3 +92,59 @@ def train_from_checkpoint(
     for item in [*chosen, *extra]:
         args += ["--set", item]
     return train_main(args)
+
+
+def check_exports(method, folder: str | Path, *, sizes: TinyClip = TinyClip(), seed: int = 0) -> None:
+    """A ``method`` model with OpenAI-shaped towers of ``sizes`` (random weights) exported with
+    ``vlp-convert --to open_clip`` and ``--to hf`` gives the same image and text embeddings in OpenCLIP and
+    in transformers as in vlp (max difference <= 1e-5 x the largest value). For methods built on the dual
+    encoder (their loss state is left out of the export)."""
+    import open_clip  # test-only dependency
+    import torch
+    import transformers
+
+    from vlp_core.config import apply_overrides
+    from vlp_core.convert.cli import main as vlp_convert
+    from vlp_core.convert.registry import Converted
+    from vlp_core.convert.vlp_format import save_vlp_checkpoint
+    from vlp_core.data.tokenizer import Tokenizer
+    from vlp_core.train.loop import TrainStep
+
+    folder = Path(folder)
+    cfg = apply_overrides(method.preset("smoke"), sizes.overrides())
+    tok = Tokenizer.from_pretrained("clip-bpe", context_length=sizes.context_length)
+    torch.manual_seed(seed)
+    step = TrainStep(method.build_model(cfg, tok), method.build_loss(cfg)).eval()
+    with torch.no_grad():
+        for p in step.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    src = folder / f"{method.name}.safetensors"
+    save_vlp_checkpoint(Converted(state_dict=step.state_dict(), config=cfg, layout="vlp"), src)
+    images = torch.randn(2, 3, sizes.image_size, sizes.image_size)
+    tokens = tok(["a red circle", "two blue squares next to a green star"])
+    with torch.no_grad():
+        want = step.model.encode_image(images), step.model.encode_text(tokens)
+
+    def close(got: tuple, what: str) -> None:
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max(), f"{what}: {(a - b).abs().max()}"
+
+    assert vlp_convert([str(src), str(folder / "oc.safetensors"), "--to", "open_clip"]) == 0
+    oc = open_clip.model.CLIP(
+        sizes.embed_dim,
+        open_clip.model.CLIPVisionCfg(layers=sizes.layers, width=sizes.width, head_width=64, patch_size=sizes.patch,
+                                      image_size=sizes.image_size),
+        open_clip.model.CLIPTextCfg(context_length=sizes.context_length, vocab_size=49408, width=sizes.text_width,
+                                    heads=sizes.text_width // 64, layers=sizes.text_layers),
+    ).eval()
+    from safetensors.torch import load_file
+
+    oc.load_state_dict(load_file(str(folder / "oc.safetensors")), strict=True)
+    with torch.no_grad():
+        close((oc.encode_image(images), oc.encode_text(tokens)), "open_clip")
+    assert vlp_convert([str(src), str(folder / "hf"), "--to", "hf"]) == 0
+    hf = transformers.CLIPModel.from_pretrained(str(folder / "hf")).eval()
+    with torch.no_grad():
+        got = hf.get_image_features(pixel_values=images), hf.get_text_features(input_ids=tokens)
+        # transformers 5 returns model outputs (the embedding as pooler_output), 4.x the tensors.
+        close(tuple(g if isinstance(g, torch.Tensor) else g.pooler_output for g in got), "hf")
