@@ -140,7 +140,7 @@ class Tokenizer:
         except (OSError, ValueError) as e:
             raise ValueError(
                 f"tokenizer {name_or_path!r} could not be loaded (not a local tokenizer.json or "
-                f"folder, nor a transformers tokenizer): {e}"
+                f"folder, nor a transformers tokenizer): {' '.join(str(e).split())}"
             ) from None
         bos = hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id
         eot = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
