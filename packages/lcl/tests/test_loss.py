@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from vlp_lcl.config import LclConfig
-from vlp_lcl.loss import LclLoss
+from vlp_lcl.loss import LclLoss, contrastive_capacity, contrastive_sum
 
 F64 = torch.float64
 
@@ -15,14 +16,17 @@ def _features(n: int, valid: list[bool], seed: int = 0, tokens: int = 10):
     return {
         "image_latent": torch.randn(n, 6, generator=g, dtype=F64).requires_grad_(),
         "context": torch.randn(n, 6, generator=g, dtype=F64).requires_grad_(),
-        "has_context": torch.tensor(valid), "capacity": 2 * n + 1,
+        "has_context": torch.tensor(valid),
         "gen_nll_sum": torch.tensor(23.0, dtype=F64, requires_grad=True), "gen_tokens": tokens,
     }
 
 
-def test_loss_matches_full_matrix_reference() -> None:
-    valid = [True, False, True, True, False, True]
-    f = _features(6, valid)
+@pytest.mark.parametrize("valid", [
+    [True, False, True, True, False, True],  # fewer images than the capacity (8): zero rows padded
+    [False] * 5 + [True] + [False] * 9 + [True, True] + [False] * 4,  # 21 images, 3 pairs: rows dropped
+])
+def test_loss_matches_full_matrix_reference(valid: list[bool]) -> None:
+    f = _features(len(valid), valid)
     loss_fn = LclLoss(LclConfig(contrastive_weight=0.3, generation_weight=0.7))
     out = loss_fn(f, {})
     m = torch.tensor(valid)
@@ -61,3 +65,11 @@ def test_logit_scale_is_capped() -> None:
         loss_fn.logit_scale.fill_(10.0)
     out = loss_fn(_features(3, [True] * 3), {})
     torch.testing.assert_close(out.parts["logit_scale"], torch.tensor(20.0))
+
+
+def test_capacity_is_the_pair_count_rounded_up_and_checked() -> None:
+    assert [contrastive_capacity(torch.tensor([True] * n + [False] * 3)) for n in (0, 1, 8, 9, 256)] == [
+        8, 8, 8, 16, 256]
+    f = _features(12, [True] * 9 + [False] * 3)
+    with pytest.raises(ValueError, match="9 contrastive pairs on this rank exceed the capacity 8"):
+        contrastive_sum(f["image_latent"], f["context"], f["has_context"], torch.tensor(0.0), capacity=8)

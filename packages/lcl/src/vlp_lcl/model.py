@@ -164,7 +164,6 @@ class LclModel(nn.Module):
     def __init__(self, cfg: RunConfig, tokenizer: Any) -> None:
         super().__init__()
         self.ids = SpecialIds.for_tokenizer(tokenizer)
-        self.max_images = cfg.loss.max_images
         self.gen_chunk = cfg.loss.gen_chunk
         self.visual = build_vision_tower(cfg.model.vision)
         text = cfg.model.text
@@ -235,8 +234,6 @@ class LclModel(nn.Module):
         nll = chunked_nll_sum(self.lm_head, hidden_flat[batch["gen_index"]], batch["gen_target"], self.gen_chunk)
         return {
             "image_latent": latent_ND, "context": context_ND, "has_context": batch["has_context"],
-            # Static per-rank capacity of contrastive rows (same on every rank): pads the gather.
-            "capacity": ids_BL.shape[0] * self.max_images,
             "gen_nll_sum": nll, "gen_tokens": batch["gen_target"].shape[0],
         }
 
