@@ -2,6 +2,12 @@
 
 Our own reader (``tarfile`` in stream mode plus webdataset's public ``gopen`` for ``pipe:`` and URLs) so that
 the sample stream is deterministic and a truncated shard ends cleanly with a count instead of a traceback.
+
+Local uncompressed tars can *seek*: :func:`iter_positioned` reports the byte offset of every sample's first
+member header and the offset just past its last member, and both it and :func:`read_sample_at` reopen a shard
+at such an offset, so a resumed training run reads from where it stopped instead of from the shard's start.
+``pipe:`` commands, URLs and compressed tars cannot: their offsets are ``None``. ``READS`` counts the tar
+members whose data was read (``"members"``) and the shards opened (``"opens"``) in this process.
 """
 
 from __future__ import annotations
@@ -10,15 +16,19 @@ import io
 import logging
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import braceexpand
 
-__all__ = ["expand_urls", "iter_samples", "ShardWriter", "open_url", "CorruptShard"]
+__all__ = ["expand_urls", "iter_samples", "iter_positioned", "read_sample_at", "ShardWriter", "open_url",
+           "CorruptShard", "is_local", "READS"]
 
 log = logging.getLogger(__name__)
+
+READS: Counter[str] = Counter()  # "members": tar members whose data was read; "opens": shards opened
 
 
 class CorruptShard(Exception):
@@ -55,36 +65,129 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{dirname}/{key}" if dirname else key), ext.lower()
 
 
+def is_local(url: str) -> bool:
+    """A path on this machine (not ``pipe:`` and not a URL): the only kind of shard that can seek."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _member_end(member: tarfile.TarInfo) -> int:
+    """Offset just past the member's data blocks (relative to where the tar stream was opened)."""
+    return member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _open_local_at(url: str, offset: int):
+    """The local shard opened at ``offset``, or ``None`` when no tar header starts there.
+
+    ``tarfile`` ends a stream silently at a zero, short or invalid header found after the first member; a
+    shard opened in its middle must end the same way instead of reporting an empty or broken archive.
+    """
+    stream = open_url(url)
+    stream.seek(offset)
+    try:
+        tarfile.TarInfo.frombuf(stream.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        stream.close()
+        return None
+    stream.seek(offset)
+    return stream
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    data = f.read() if f is not None else b""
+    READS["members"] += 1
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"member {member.name} truncated")
+    return data
+
+
+def _sample_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """``(member, key, ext)`` for every member that belongs to a sample (files named ``<key>.<ext>``)."""
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, ext = _split_name(member.name)
+        if key.startswith("__") or not ext:
+            continue
+        yield member, key, ext
+
+
+def iter_positioned(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any], int | None, int | None]]:
+    """Yield ``(sample, start, end)`` from one shard, in file order, beginning at byte ``offset``.
+
+    ``start`` is the byte offset of the sample's first member header, ``end`` the offset just past its last
+    member's data (where the next sample's header starts); both are ``None`` when the shard cannot seek
+    (``pipe:``, URLs, compressed tars, a pax global header). A non-zero ``offset`` needs a local shard.
+    Members of one key must be adjacent (as webdataset writers produce them). A stream that breaks off
+    (truncated file, bad header) raises :class:`CorruptShard` after yielding every complete sample before it.
+    """
+    if offset and not is_local(url):
+        raise ValueError(f"{url}: only a local shard can be opened at byte {offset}")
+    stream = _open_local_at(url, offset) if offset else open_url(url)
+    if stream is None:
+        return
+    READS["opens"] += 1
+    current: dict[str, Any] | None = None
+    start: int | None = None
+    end: int | None = None
+    with stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|" if offset else "r|*") as tar:
+                seekable = is_local(url) and getattr(tar.fileobj, "comptype", "") == "tar"
+                for member, key, ext in _sample_members(tar):
+                    data = _read_member(tar, member)
+                    if current is not None and current["__key__"] != key:
+                        yield current, start, end
+                        current = None
+                    seekable = seekable and not tar.pax_headers
+                    if current is None:
+                        current = {"__key__": key, "__url__": url}
+                        start = offset + member.offset if seekable else None
+                    current[ext] = data
+                    end = offset + _member_end(member) if seekable else None
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            raise CorruptShard(f"{url}: {e}") from e
+    if current is not None:
+        yield current, start, end
+
+
 def iter_samples(url: str) -> Iterator[dict[str, Any]]:
     """Yield samples ``{"__key__", "__url__", ext: bytes, ...}`` from one shard, in file order.
 
     Members of one key must be adjacent (as webdataset writers produce them). A stream that breaks off
     (truncated file, bad header) raises :class:`CorruptShard` after yielding every complete sample before it.
     """
-    current: dict[str, Any] | None = None
-    with open_url(url) as stream:
+    for sample, _, _ in iter_positioned(url):
+        yield sample
+
+
+def read_sample_at(url: str, offset: int) -> dict[str, Any]:
+    """The one sample whose first member header starts at byte ``offset`` of a local uncompressed tar.
+
+    Reads only that sample's members (and the next member's header). Raises ``ValueError`` naming the shard
+    and offset when no sample starts there (a shard changed or replaced since the offset was recorded).
+    """
+    problem = "no tar member starts there"
+    sample: dict[str, Any] = {}
+    stream = _open_local_at(url, offset) if is_local(url) and os.path.exists(url) else None
+    if stream is not None:
+        READS["opens"] += 1
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_name(member.name)
-                    if key.startswith("__") or not ext:
-                        continue
-                    f = tar.extractfile(member)
-                    data = f.read() if f is not None else b""
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} truncated")
-                    if current is not None and current["__key__"] != key:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = {"__key__": key, "__url__": url}
-                    current[ext] = data
+            with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member, key, ext in _sample_members(tar):
+                    if sample and sample["__key__"] != key:
+                        break
+                    sample.setdefault("__key__", key)
+                    sample.setdefault("__url__", url)
+                    sample[ext] = _read_member(tar, member)
         except (tarfile.ReadError, EOFError, OSError) as e:
-            raise CorruptShard(f"{url}: {e}") from e
-    if current is not None:
-        yield current
+            problem, sample = str(e), {}
+    elif not (is_local(url) and os.path.exists(url)):
+        problem = "the shard is not a local file"
+    if not sample:
+        raise ValueError(f"cannot read the sample at byte {offset} of shard {url}: {problem} "
+                         "(was the shard changed since the data position was saved?)")
+    return sample
 
 
 class ShardWriter:

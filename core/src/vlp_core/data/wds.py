@@ -10,9 +10,14 @@ seed, its consumer index and the number of consumers:
 2. a consumer-seeded generator picks the source of each sample by weight;
 3. a seeded shuffle buffer reorders the raw samples.
 
-The position of a consumer is one integer: the number of raw samples its shuffle buffer has emitted. On
-resume each consumer replays its raw stream up to that count without decoding anything, so the batches
-after resume are exactly those an uninterrupted run would have seen. Decoding happens after the buffer;
+The position of a consumer (``BatchMeta.raw``, handed back as ``start[worker]``) is a JSON-able dict: the raw
+samples its shuffle buffer has emitted, the states of its generators, for every source the shard being read
+and the byte offset of its next tar member, and the (source, shard, byte offset) of every member of the
+shuffle buffer. On resume each consumer reopens its local shards at those offsets and refills its buffer by
+reading those members, so it reads its shuffle buffer plus one sample before continuing, however far the run
+had gone; the batches after resume are exactly those an uninterrupted run would have seen. Sources whose
+shards cannot seek (``pipe:``, URLs, compressed tars) instead replay their stream up to the saved count
+without decoding, as does an older position that is one integer. Decoding happens after the buffer;
 samples the method's adapter rejects (undecodable image, empty caption) and shards that break off are
 skipped and counted, and the counts travel with the batches to the trainer.
 
@@ -22,6 +27,7 @@ comes from worker ``n % W``, so on resume the workers are relabelled by that off
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import random
@@ -34,12 +40,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp_core.data.tario import CorruptShard, expand_urls, iter_samples
+from vlp_core.data.tario import CorruptShard, expand_urls, iter_positioned, read_sample_at
 from vlp_core.method import SampleAdapter, SkipSample
 
-__all__ = ["Source", "parse_sources", "WdsPipeline", "build_train_loader", "BatchMeta"]
+__all__ = ["Source", "parse_sources", "WdsPipeline", "build_train_loader", "BatchMeta", "position_samples"]
 
 log = logging.getLogger(__name__)
+
+_POSITION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -81,13 +89,125 @@ def _rng(*keys: int) -> np.random.Generator:
 @dataclass
 class BatchMeta:
     worker: int  # logical worker id
-    raw: int  # raw samples this consumer has emitted from its shuffle buffer so far
+    raw: int | dict[str, Any]  # this consumer's data position after the batch: hand it back as ``start[worker]``
     skipped: dict[str, int]  # skip counts since the previous batch of this worker
     examples: list[str]  # a few skip messages (file and key) for the log
+    samples: int = 0  # raw samples this consumer has emitted from its shuffle buffer so far
+
+
+def position_samples(position: int | dict[str, Any]) -> int:
+    """Raw samples a consumer had emitted at a saved data position (either format)."""
+    return position if isinstance(position, int) else int(position["raw"])
+
+
+def _pack_mt(state: tuple) -> dict[str, Any]:
+    """``random.Random.getstate()`` as JSON-able values (625 words packed as base64)."""
+    version, words, gauss = state
+    return {"version": version, "words": base64.b64encode(np.asarray(words, dtype="<u4").tobytes()).decode(),
+            "gauss": gauss}
+
+
+def _unpack_mt(packed: dict[str, Any]) -> tuple:
+    words = np.frombuffer(base64.b64decode(packed["words"]), dtype="<u4")
+    return packed["version"], tuple(int(w) for w in words), packed["gauss"]
+
+
+class _SourceStream:
+    """The raw samples of one source for one consumer, with a cursor that can be saved and reopened.
+
+    Each item is ``(sample, ref)`` where ``ref = (source, shard, start, ordinal)``: the shard's index in the
+    source, the byte offset of the sample's first member (``None`` when the shard cannot seek) and the
+    1-based count of samples this stream has yielded. The cursor (``state``) names the shard being read and
+    the byte offset of its next member, so a restored stream continues from there without re-reading.
+    """
+
+    def __init__(self, owner: _Consumer, index: int) -> None:
+        self.owner = owner
+        self.index = index
+        self.urls = list(owner.sources[index].urls)
+        self.yielded = 0  # samples yielded so far (what a stream that cannot seek replays)
+        self.epoch = 0
+        self.slot = 0  # position of the shard in this epoch's list of shards of this consumer
+        self.shard = -1  # index into urls of the shard being read
+        self.offset: int | None = 0  # byte offset of its next member; None: the shard cannot seek
+        self.seen = 0  # samples read this epoch (split by sample, when there are fewer shards than consumers)
+        self.got = False  # whether this epoch has yielded a sample
+        self.rng: dict[str, Any] | None = None  # resampled: generator state after drawing ``shard``
+
+    def state(self) -> dict[str, Any]:
+        return {"yielded": self.yielded, "epoch": self.epoch, "slot": self.slot, "shard": self.shard,
+                "offset": self.offset, "seen": self.seen, "got": self.got, "rng": self.rng}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for name in ("yielded", "epoch", "slot", "shard", "offset", "seen", "got", "rng"):
+            setattr(self, name, state[name])
+
+    def _read(self, shard: int, offset: int) -> Iterator[tuple[dict[str, Any], int | None, int | None]]:
+        url = self.urls[shard]
+        try:
+            yield from iter_positioned(url, offset)
+        except CorruptShard as e:
+            self.owner._note("corrupt_shard", str(e))
+        except FileNotFoundError as e:
+            self.owner._note("missing_shard", str(e))
+
+    def _emit(self, sample: dict[str, Any], start: int | None, end: int | None, split: int = 1):
+        """Advance the cursor past ``sample``; returns the item to yield, or ``None`` (another consumer's)."""
+        self.offset = end
+        if split > 1:
+            self.seen += 1
+            if (self.seen - 1) % split != self.owner.consumer:
+                return None
+        self.got = True
+        self.yielded += 1
+        return sample, (self.index, self.shard, start, self.yielded)
+
+    def items(self, resume: bool = False) -> Iterator[tuple[dict[str, Any], tuple]]:
+        """The stream from its beginning, or (``resume``) from the loaded cursor."""
+        return self._resampled(resume) if self.owner.resampled else self._epochs(resume)
+
+    def _resampled(self, resume: bool) -> Iterator[tuple[dict[str, Any], tuple]]:
+        rng = _rng(self.owner.seed, 1, self.index, self.owner.consumer)
+        resume = resume and self.rng is not None  # a source that had not yet been read starts afresh
+        if resume:
+            rng.bit_generator.state = self.rng
+        while True:
+            if not resume:
+                self.shard, self.offset = int(rng.integers(len(self.urls))), 0
+                self.rng = rng.bit_generator.state
+            resume = False
+            for sample, start, end in self._read(self.shard, self.offset or 0):
+                yield self._emit(sample, start, end)
+
+    def _epochs(self, resume: bool) -> Iterator[tuple[dict[str, Any], tuple]]:
+        n, c = self.owner.n_consumers, self.owner.consumer
+        # Fewer shards than consumers: every consumer reads every shard and keeps its share.
+        split = n if len(self.urls) < n else 1
+        if not resume:
+            self.epoch, self.slot, self.offset, self.seen, self.got = 0, 0, 0, 0, False
+        while True:
+            order = _rng(self.owner.seed, 2, self.index, self.epoch).permutation(len(self.urls))
+            mine = order if split > 1 else order[c::n]
+            while self.slot < len(mine):
+                self.shard = int(mine[self.slot])
+                for sample, start, end in self._read(self.shard, self.offset or 0):
+                    item = self._emit(sample, start, end, split)
+                    if item is not None:
+                        yield item
+                self.slot, self.offset = self.slot + 1, 0
+            if not self.got and self.epoch > 0:
+                raise RuntimeError(f"consumer {c} read no sample from source {self.index} in a whole epoch")
+            self.epoch, self.slot, self.seen, self.got = self.epoch + 1, 0, 0, False
 
 
 class _Consumer:
-    """The raw-sample stream of one consumer (no decoding)."""
+    """The raw-sample stream of one consumer (no decoding), and its saved position.
+
+    ``open(start)`` returns the stream positioned after ``start``: a plain int (an older position) replays
+    that many raw samples; a position from :meth:`position` reopens each source's shard at its saved byte
+    offset and refills the shuffle buffer by reading its members at theirs. Sources whose shards cannot
+    seek replay their own stream up to the saved count instead.
+    """
 
     def __init__(self, sources: list[Source], *, seed: int, consumer: int, n_consumers: int,
                  resampled: bool, shuffle_buffer: int) -> None:
@@ -99,67 +219,94 @@ class _Consumer:
         self.shuffle_buffer = shuffle_buffer
         self.skipped: Counter[str] = Counter()
         self.examples: list[str] = []
+        self.raw = 0  # raw samples emitted
+        self.streams = [_SourceStream(self, i) for i in range(len(sources))]
+        self.pick = _rng(seed, 3, consumer)
+        self.shuffle = random.Random(hash((seed, 4, consumer)))
+        self.buffer: list[dict[str, Any]] = []
+        self.refs: list[tuple] = []  # where each buffer member was read (see _SourceStream)
 
     def _note(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
         if len(self.examples) < 5:
             self.examples.append(message)
 
-    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
-        try:
-            yield from iter_samples(url)
-        except CorruptShard as e:
-            self._note("corrupt_shard", str(e))
-        except FileNotFoundError as e:
-            self._note("missing_shard", str(e))
+    def _identity(self) -> dict[str, Any]:
+        return {"seed": self.seed, "consumer": self.consumer, "consumers": self.n_consumers,
+                "resampled": self.resampled, "shards": [len(s.urls) for s in self.sources]}
 
-    def _source_stream(self, index: int) -> Iterator[dict[str, Any]]:
-        urls = list(self.sources[index].urls)
-        n, c = self.n_consumers, self.consumer
-        if self.resampled:
-            rng = _rng(self.seed, 1, index, c)
-            while True:
-                yield from self._shard_samples(urls[rng.integers(len(urls))])
-        epoch = 0
-        while True:
-            order = _rng(self.seed, 2, index, epoch).permutation(len(urls))
-            got = False
-            if len(urls) >= n:
-                for j in order[c::n]:
-                    for sample in self._shard_samples(urls[j]):
-                        got = True
-                        yield sample
-            else:
-                # Fewer shards than consumers: every consumer reads every shard and keeps its share.
-                seen = 0
-                for j in order:
-                    for sample in self._shard_samples(urls[j]):
-                        seen += 1
-                        if (seen - 1) % n == c:
-                            got = True
-                            yield sample
-            if not got and epoch > 0:
-                raise RuntimeError(f"consumer {c} read no sample from source {index} in a whole epoch")
-            epoch += 1
+    def position(self) -> dict[str, Any]:
+        """Where this consumer stands, as JSON-able values (see :meth:`open`)."""
+        return {"version": _POSITION_VERSION, "raw": self.raw, **self._identity(),
+                "pick": self.pick.bit_generator.state, "shuffle": _pack_mt(self.shuffle.getstate()),
+                "sources": [s.state() for s in self.streams], "buffer": [list(r) for r in self.refs]}
 
-    def raw_stream(self) -> Iterator[dict[str, Any]]:
-        streams = [self._source_stream(i) for i in range(len(self.sources))]
+    def open(self, start: int | dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        if not start:
+            return self._run([s.items() for s in self.streams])
+        if isinstance(start, int):
+            raw = self._run([s.items() for s in self.streams])
+            for _ in range(start):  # an older position: replay without decoding
+                next(raw)
+            return raw
+        return self._run(self._restore(start))
+
+    def _check(self, start: dict[str, Any]) -> None:
+        if start.get("version") != _POSITION_VERSION:
+            raise ValueError(f"data position has version {start.get('version')!r}; this vlp reads "
+                             f"version {_POSITION_VERSION}")
+        saved = {k: start.get(k) for k in self._identity()}
+        mine = self._identity()
+        for key in mine:
+            if saved[key] != mine[key]:
+                raise ValueError(f"data position was saved with {key}={saved[key]!r}; this run has "
+                                 f"{key}={mine[key]!r}: exact resume needs the same data, seed, world size "
+                                 "and data.workers")
+        full = self.shuffle_buffer if self.shuffle_buffer > 1 else 0
+        if len(start["buffer"]) != full:
+            raise ValueError(f"data position holds a shuffle buffer of {len(start['buffer'])} samples; this "
+                             f"run has data.shuffle_buffer={self.shuffle_buffer}: exact resume needs the same")
+
+    def _restore(self, start: dict[str, Any]) -> list[Iterator[tuple[dict[str, Any], tuple]]]:
+        self._check(start)
+        self.raw = int(start["raw"])
+        self.pick.bit_generator.state = start["pick"]
+        self.shuffle.setstate(_unpack_mt(start["shuffle"]))
+        refs = [tuple(r) for r in start["buffer"]]
+        buffer: list[dict[str, Any] | None] = [None] * len(refs)
+        items = []
+        for stream, state in zip(self.streams, start["sources"]):
+            wanted = {r[3]: k for k, r in enumerate(refs) if r[0] == stream.index}
+            if state["offset"] is not None and all(refs[k][2] is not None for k in wanted.values()):
+                stream.load(state)  # seek: the shard at its offset, the buffer members at theirs
+                for k in wanted.values():
+                    buffer[k] = read_sample_at(stream.urls[refs[k][1]], refs[k][2])
+                items.append(stream.items(resume=True))
+                continue
+            it = stream.items()  # cannot seek: read forward to the saved count, keeping the buffer members
+            while stream.yielded < state["yielded"]:
+                sample, ref = next(it)
+                if ref[3] in wanted:
+                    buffer[wanted[ref[3]]] = sample
+            items.append(it)
+        self.buffer, self.refs = buffer, refs  # type: ignore[assignment]
+        return items
+
+    def _run(self, items: list[Iterator[tuple[dict[str, Any], tuple]]]) -> Iterator[dict[str, Any]]:
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         weights /= weights.sum()
-        pick = _rng(self.seed, 3, self.consumer)
-        shuffle = random.Random(hash((self.seed, 4, self.consumer)))
-        buffer: list[dict[str, Any]] = []
         while True:
-            src = int(pick.choice(len(streams), p=weights)) if len(streams) > 1 else 0
-            sample = next(streams[src])
-            if self.shuffle_buffer <= 1:
-                yield sample
-                continue
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            k = shuffle.randrange(len(buffer))
-            buffer[k], sample = sample, buffer[k]
+            src = int(self.pick.choice(len(items), p=weights)) if len(items) > 1 else 0
+            sample, ref = next(items[src])
+            if self.shuffle_buffer > 1:
+                if len(self.buffer) < self.shuffle_buffer:
+                    self.buffer.append(sample)
+                    self.refs.append(ref)
+                    continue
+                k = self.shuffle.randrange(len(self.buffer))
+                self.buffer[k], sample = sample, self.buffer[k]
+                self.refs[k] = ref
+            self.raw += 1
             yield sample
 
 
@@ -191,11 +338,9 @@ class WdsPipeline(IterableDataset):
         consumer = _Consumer(self.sources, seed=self.seed, consumer=self.rank * n_workers + worker,
                              n_consumers=self.world_size * n_workers, resampled=self.resampled,
                              shuffle_buffer=self.shuffle_buffer)
-        raw = consumer.raw_stream()
-        position = self.start.get(worker, 0)
-        for _ in range(position):  # replay without decoding: exact resume
-            next(raw)
-        reported: Counter[str] = Counter(consumer.skipped)  # skips during replay were already counted
+        raw = consumer.open(self.start.get(worker))
+        position = consumer.raw
+        reported: Counter[str] = Counter(consumer.skipped)  # skips while reopening were already counted
         consumer.examples.clear()
         samples: list[dict[str, Any]] = []
         run_of_skips = 0
@@ -221,7 +366,8 @@ class WdsPipeline(IterableDataset):
             if len(samples) == self.batch_size:
                 delta = consumer.skipped - reported
                 reported = Counter(consumer.skipped)
-                meta = BatchMeta(worker=worker, raw=position, skipped=dict(delta), examples=consumer.examples)
+                meta = BatchMeta(worker=worker, raw=consumer.position(), skipped=dict(delta),
+                                 examples=consumer.examples, samples=position)
                 consumer.examples = []
                 yield self.adapter.collate(samples), meta
                 samples = []
