@@ -164,20 +164,22 @@ def eval_main(method: MethodSpec, argv: list[str] | None = None) -> int:
 def _read_for_eval(method: MethodSpec, checkpoint: str) -> tuple[RunConfig, dict, int, Path]:
     """(config, TrainStep state dict, step, run folder) of a trainer checkpoint, run folder or vlp file.
 
-    Trainer checkpoints (``step_*.pt``) are read as the trainer reads them (our own files in a run folder the
-    user names); any other file goes through the safe loader and the converter registry (``vlp-convert``'s
-    readers: a vlp ``.safetensors`` file, or a raw released checkpoint whose layout the keys tell).
+    Trainer checkpoints (``step_<n>.pt`` files and ``step_<n>/`` DCP folders) are read as the trainer reads them
+    (our own files in a run folder the user names); any other file goes through the safe loader and the
+    converter registry (``vlp-convert``'s readers: a vlp ``.safetensors`` file, or a raw released checkpoint
+    whose layout the keys tell).
     """
-    from vlp_core.train.checkpoint import CheckpointManager
+    from vlp_core.train.checkpoint import CheckpointManager, is_trainer_checkpoint, load_full_state
 
     path = Path(checkpoint).expanduser()
-    if path.is_dir() and ((path / "checkpoints").is_dir() or any(path.glob("step_*.pt"))):
-        path = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest() \
-            or path
+    if path.is_dir() and not is_trainer_checkpoint(path):
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if CheckpointManager(folder).list():
+            path = CheckpointManager(folder).latest() or path
     if not path.exists():
         raise ValueError(f"checkpoint not found: {checkpoint}")
-    if path.is_file() and path.name.startswith("step_") and path.suffix == ".pt":
-        saved = CheckpointManager.load(path)
+    if is_trainer_checkpoint(path):
+        saved = load_full_state(path)
         name = saved["config"].get("preset")
         cfg = method.preset(name if name in method.presets else method.default_preset)
         from_dict(cfg, saved["config"])

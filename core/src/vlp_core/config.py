@@ -176,6 +176,14 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     nan_guard: int = 5  # consecutive non-finite steps tolerated (skipped) before stopping
     progress: bool = True
+    # Data parallelism: DDP (replicated), FSDP2 (fully_shard per tower block, then the model + loss), or HSDP
+    # (a 2-D mesh: replicate x shard; hsdp_replicate groups, 0 = one per node of LOCAL_WORLD_SIZE ranks).
+    parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    hsdp_replicate: int = 0
+    # "file": one step_XXXXXXXX.pt written by rank 0; "dcp": a torch.distributed.checkpoint folder that
+    # every rank writes its shards into (resharded on resume); "auto": dcp under fsdp/hsdp, else file.
+    checkpoint_format: Literal["auto", "file", "dcp"] = "auto"
+    async_save: bool = False  # dcp only: write in a background thread, finalised before the next save
 
 
 @dataclass(kw_only=True)

@@ -17,7 +17,6 @@ convert/evaluate trainer checkpoints you wrote yourself. Every other file goes t
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,6 @@ log = logging.getLogger("vlp")
 
 FORMAT = "vlp"
 VERSION = "1"
-_TRAINER_NAME = re.compile(r"^step_\d+\.pt$")
 
 
 def unshared(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -96,10 +94,13 @@ def save_vlp_checkpoint(converted: Converted, path: str | Path, *, check: bool =
 
 
 def is_trainer_checkpoint(path: str | Path) -> bool:
-    """A trainer ``step_<n>.pt`` file, or a run / checkpoints folder holding one."""
+    """A trainer checkpoint (``step_<n>.pt`` file or finished ``step_<n>/`` DCP folder), or a run / checkpoints
+    folder holding one."""
+    from vlp_core.train.checkpoint import is_trainer_checkpoint as is_checkpoint
+
     p = Path(path).expanduser()
-    if p.is_file():
-        return bool(_TRAINER_NAME.match(p.name))
+    if is_checkpoint(p):
+        return True
     if p.is_dir():
         return _latest_trainer_checkpoint(p) is not None
     return False
@@ -122,18 +123,22 @@ def read_trainer_checkpoint(path: str | Path) -> Source:
         A :class:`Source` with the ``TrainStep`` state dict and ``meta = {"format": "vlp-trainer",
         "config": <config dict>, "step": <int>}``.
     """
-    from vlp_core.train.checkpoint import CheckpointManager
+    from vlp_core.train.checkpoint import is_trainer_checkpoint as is_checkpoint
+    from vlp_core.train.checkpoint import load_full_state
 
     p = Path(path).expanduser()
-    if p.is_dir():
+    if p.is_dir() and not is_checkpoint(p):
         found = _latest_trainer_checkpoint(p)
         if found is None:
-            raise ConversionError(f"{p} holds no step_<n>.pt trainer checkpoint")
+            raise ConversionError(f"{p} holds no trainer checkpoint (step_<n>.pt or step_<n>/)")
         p = found
-    if not _TRAINER_NAME.match(p.name):
-        raise ConversionError(f"{p} is not a trainer checkpoint (step_<n>.pt)")
-    log.info("%s: vlp trainer checkpoint, read with the trainer's trusted full pickle load", p)
-    saved = CheckpointManager.load(p)
+    if not is_checkpoint(p):
+        raise ConversionError(f"{p} is not a trainer checkpoint (step_<n>.pt or a finished step_<n>/ DCP folder)")
+    log.info("%s: vlp trainer checkpoint, read with the trainer's trusted loader (pickle)", p)
+    try:
+        saved = load_full_state(p)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(saved, dict) or not {"model", "config", "step"} <= set(saved):
         raise ConversionError(f"{p} is not a vlp trainer checkpoint (no model/config/step entries)")
     return Source(path=p, state_dict=dict(saved["model"]),

@@ -3,6 +3,11 @@
 One step = ``accum_steps`` micro-batches whose sizes add up to the global batch over all ranks. The loop
 reads host values only at log steps; the NaN/Inf guard skips a non-finite step on the device where the
 fused optimizer allows it.
+
+Parallelism (``train.parallel``: DDP, FSDP2 or HSDP) is applied by :mod:`vlp_core.train.parallel` before the
+optimizer is built; checkpoints (``train.checkpoint_format``: one file, or a DCP folder every rank writes and
+any world size reads back) by :mod:`vlp_core.train.checkpoint`. Resume is exact on the writing world size; on
+another (DCP only) it continues at the same step and global sample count (see ``_restore``).
 """
 
 from __future__ import annotations
@@ -22,11 +27,19 @@ from torch import nn
 from vlp_core.config import RunConfig, dump_yaml, to_dict
 from vlp_core.data.transforms import prepare_images
 from vlp_core.data.wds import BatchMeta, WdsPipeline, build_train_loader, parse_sources
-from vlp_core.distributed import DistInfo, all_gather_object, barrier, init_distributed, is_main, wrap_ddp
+from vlp_core.distributed import DistInfo, all_gather_object, barrier, init_distributed, is_main
 from vlp_core.logging.writer import RunWriter, caption_grid
 from vlp_core.method import LossOutput, MethodSpec
-from vlp_core.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from vlp_core.train.checkpoint import CheckpointManager, is_dcp_checkpoint, rng_state, set_rng_state
 from vlp_core.train.optim import build_optimizer, build_scheduler
+from vlp_core.train.parallel import (
+    apply_parallel,
+    full_norm,
+    is_sharded,
+    set_gradient_sync,
+    split_scalar_groups,
+    sync_replicated_grads,
+)
 from vlp_core.train.setup import build_parts, evaluate, resolve_output_dir, resolve_world
 
 __all__ = ["run", "TrainStep"]
@@ -52,6 +65,7 @@ class _State:
     data: dict[int, int] = field(default_factory=dict)  # logical worker -> raw samples consumed
     skipped: dict[str, int] = field(default_factory=dict)
     batches: int = 0  # micro-batches consumed on this rank
+    base: int = 0  # samples this rank took over when resuming on another world size (see ``_restore``)
 
 
 def _autocast(cfg: RunConfig, device: torch.device) -> tuple[contextlib.AbstractContextManager, str]:
@@ -80,24 +94,87 @@ def _to_device(batch: dict[str, Any], device: torch.device, *, mean: list[float]
     return out
 
 
-def _checkpoint_state(state: _State, step_module: nn.Module, optimizer, scheduler, scaler,
-                      cfg: RunConfig) -> dict[str, Any] | None:
-    """Gathers every rank's RNG and data position; returns the full state on rank 0 only."""
-    per_rank = all_gather_object({"rng": rng_state(), "data": dict(state.data), "batches": state.batches})
-    if not is_main():
-        return None
-    module = step_module.module if hasattr(step_module, "module") else step_module
-    module = getattr(module, "_orig_mod", module)
-    return {
-        "step": state.step,
-        "model": module.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "ranks": per_rank,
-        "skipped": dict(state.skipped),
-        "config": to_dict(cfg),
-    }
+def _record(state: _State, micro: int) -> dict[str, Any]:
+    """This rank's part of a checkpoint: RNG states, data position (opaque per consumer), batches, samples."""
+    return {"rng": rng_state(), "data": dict(state.data), "batches": state.batches,
+            "samples": state.base + state.batches * micro}
+
+
+def _shared(state: _State, scheduler, scaler, cfg: RunConfig) -> dict[str, Any]:
+    return {"step": state.step, "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "skipped": dict(state.skipped),
+            "config": to_dict(cfg)}
+
+
+def _save(ckpt: CheckpointManager, fmt: str, state: _State, step_module: nn.Module, optimizer, scheduler, scaler,
+          cfg: RunConfig, micro: int) -> None:
+    """One checkpoint: a DCP folder every rank writes, or one file rank 0 writes with every rank's record."""
+    shared = _shared(state, scheduler, scaler, cfg)
+    if fmt == "dcp":
+        ckpt.save_dcp(state.step, step_module, optimizer, shared, _record(state, micro),
+                      async_save=cfg.train.async_save)
+        return
+    per_rank = all_gather_object(_record(state, micro))
+    if is_main():
+        ckpt.save({**shared, "model": step_module.state_dict(), "optimizer": optimizer.state_dict(),
+                   "ranks": per_rank}, state.step)
+
+
+def _restore(path: Path, shared: dict[str, Any], records: list[dict[str, Any]], info: DistInfo, cfg: RunConfig,
+             workers: int, micro: int) -> _State:
+    """The loop state after ``path``: exact with the writing world size; else the same global sample count.
+
+    The RNG states are not set here (:func:`_restore_rng`, once the data loader has drawn its seed).
+    Same world size: this rank's RNG states and every consumer's data position, so the run continues
+    bit-identically. Another world size (a DCP checkpoint; model and optimizer were resharded): the consumer
+    layout of the data stream differs, so each new consumer starts its stream skipping an equal share of the
+    samples consumed so far (``global samples // consumers`` raw samples, an int position), and every rank
+    reseeds its RNGs from ``train.seed``, its rank and the step. The step, schedule and global sample count
+    continue; which samples come next is not what the old world would have read.
+    """
+    step = int(shared["step"])
+    skipped = dict(shared.get("skipped", {}))
+    if len(records) == info.world_size:
+        mine = records[info.rank]
+        base = int(mine["samples"]) - mine["batches"] * micro if "samples" in mine else 0
+        return _State(step=step, data={int(k): v for k, v in mine["data"].items()}, skipped=skipped,
+                      batches=mine["batches"], base=base)
+    if not is_dcp_checkpoint(path):
+        raise ValueError(f"checkpoint {path} was written by {len(records)} ranks; this run has {info.world_size}: "
+                         "a single-file checkpoint resumes on the same world size only (train.checkpoint_format=dcp "
+                         "reshards)")
+    total = sum(int(r["samples"]) for r in records)
+    share = total // (info.world_size * workers)
+    log.warning("resuming %s (written by %d ranks) on %d ranks: model and optimizer resharded; the data stream "
+                "restarts with each of the %d consumers skipping %d samples (same global sample count, %d), "
+                "RNGs reseeded", path, len(records), info.world_size, info.world_size * workers, share, total)
+    base = total // info.world_size + (info.rank < total % info.world_size)  # the ranks' bases add up to total
+    return _State(step=step, data=dict.fromkeys(range(workers), share), skipped=skipped, batches=0, base=base)
+
+
+def _restore_rng(records: list[dict[str, Any]] | None, info: DistInfo, cfg: RunConfig, step: int) -> None:
+    """This rank's saved RNG states (same world size), else a reseed from ``train.seed``, rank and step."""
+    if records is None:
+        return
+    if len(records) == info.world_size:
+        set_rng_state(records[info.rank]["rng"])
+    else:
+        torch.manual_seed(cfg.train.seed + info.rank + 1_000_003 * step)
+
+
+def _checkpoint_format(t) -> str:
+    fmt = t.checkpoint_format
+    if fmt == "auto":
+        fmt = "dcp" if t.parallel in ("fsdp", "hsdp") else "file"
+    if fmt == "file" and t.parallel != "ddp":
+        raise ValueError(f"train.checkpoint_format=file needs train.parallel=ddp (got {t.parallel}): sharded runs "
+                         "write DCP folders (train.checkpoint_format=dcp)")
+    if t.async_save and fmt != "dcp":
+        raise ValueError("train.async_save needs train.checkpoint_format=dcp")
+    if t.parallel != "ddp" and t.precision == "fp16":
+        raise ValueError(f"train.precision=fp16 (a grad scaler) is not supported with train.parallel={t.parallel}: "
+                         "use bf16 or fp32")
+    return fmt
 
 
 def run(cfg: RunConfig, method: MethodSpec) -> dict[str, float]:
@@ -129,49 +206,61 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
     step_module = TrainStep(parts.model, parts.loss).to(device)
     if t.grad_checkpointing and hasattr(parts.model, "set_grad_checkpointing"):
         parts.model.set_grad_checkpointing(True)
-    optimizer = build_optimizer(step_module, cfg.optim, device=device)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=t.steps)
+    fmt = _checkpoint_format(t)
     autocast, precision = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ckpt = CheckpointManager(out_dir / "checkpoints", keep=t.keep_checkpoints)
-    state = _State()
     path = ckpt.resolve(t.resume)
-    if path is not None:
-        saved = ckpt.load(path)
-        step_module.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        ranks = saved["ranks"]
-        if len(ranks) != info.world_size:
-            raise ValueError(f"checkpoint {path} was written by {len(ranks)} ranks; this run has "
-                             f"{info.world_size}: exact resume needs the same world size")
-        mine = ranks[info.rank]
-        set_rng_state(mine["rng"])
-        state = _State(step=saved["step"], data={int(k): v for k, v in mine["data"].items()},
-                       skipped=dict(saved.get("skipped", {})), batches=mine["batches"])
-        log.info("resumed from %s at step %d", path, state.step)
-    elif t.resume and t.resume != "latest":
+    if path is None and t.resume and t.resume != "latest":
         raise ValueError(f"checkpoint not found: {t.resume}")
+    saved = None
+    if path is not None and not is_dcp_checkpoint(path):
+        if t.parallel != "ddp":
+            raise ValueError(f"{path} is a single-file checkpoint: resume it with train.parallel=ddp "
+                             "(sharded runs resume from DCP folders)")
+        saved = ckpt.load(path)
+        step_module.load_state_dict(saved["model"])  # full tensors, before any wrapping
     if t.init_from and path is None:
         from vlp_core.train.init_from import init_from
 
         init_from(step_module, t.init_from, cfg)
     elif t.init_from:
         log.info("resuming %s: train.init_from (%s) is not applied again", path, t.init_from)
-    model_for_train = step_module
-    if t.compile:
-        model_for_train = torch.compile(model_for_train)
-    model_for_train = wrap_ddp(model_for_train, info)
-
+    # Wrap (DDP, or shard in place with FSDP2), then build the optimizer on the resulting parameters.
+    model_for_train = apply_parallel(step_module, info, parallel=t.parallel, compile=t.compile,
+                                     hsdp_replicate=t.hsdp_replicate, bf16_params=precision == "bf16")
+    optimizer = build_optimizer(step_module, cfg.optim, device=device)
+    split_scalar_groups(optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=t.steps)
+    sharded = is_sharded(step_module)
+    if sharded and method.visualize is not None and is_main():
+        log.info("train.parallel=%s: the method's TensorBoard images are not drawn (sharded model)", t.parallel)
     workers = max(cfg.data.workers, 1)
+    state, records = _State(), None
+    if path is not None:
+        if saved is not None:
+            try:
+                optimizer.load_state_dict(saved["optimizer"])
+            except ValueError as e:  # e.g. a file from before the scalars had param groups of their own
+                raise ValueError(f"cannot load the optimizer state of {path}: {e}") from None
+            shared, records = saved, saved["ranks"]
+        else:
+            shared, records = ckpt.load_dcp(path, step_module, optimizer)
+        scheduler.load_state_dict(shared["scheduler"])
+        if scaler is not None and shared.get("scaler"):
+            scaler.load_state_dict(shared["scaler"])
+        state = _restore(path, shared, records, info, cfg, workers, micro)
+        log.info("resumed from %s at step %d", path, state.step)
+
     pipeline = WdsPipeline(
         parse_sources(parts.train_data, cfg.data.train_weights), parts.adapter, batch_size=micro,
         seed=cfg.data.seed, rank=info.rank, world_size=info.world_size, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, start=state.data,
         worker_offset=state.batches % workers if cfg.data.workers > 0 else 0, seed_samples=True)
     loader = iter(build_train_loader(pipeline, workers=cfg.data.workers, pin_memory=device.type == "cuda"))
+    # After the loader's iterator has drawn its base seed from the torch RNG, as the uninterrupted run's did
+    # before its first step: the resumed RNG stream then continues exactly where the checkpoint left it.
+    _restore_rng(records, info, cfg, state.step)
 
     kill_at = int(os.environ.get("VLP_DEBUG_KILL_AT_STEP", "0"))
     progress = None
@@ -193,10 +282,12 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
             if is_main() and t.image_grid_every and state.step % t.image_grid_every == 0 and m == 0:
                 _log_grid(writer, state.step, batch)
             batch = _to_device(batch, device, mean=cfg.model.vision.image_mean, std=cfg.model.vision.image_std)
-            if (method.visualize is not None and is_main() and t.image_grid_every
+            if (method.visualize is not None and is_main() and t.image_grid_every and not sharded
                     and state.step % t.image_grid_every == 0 and m == 0):
                 _log_method_images(writer, state.step, method, step_module, batch)
-            sync = m == t.accum_steps - 1 or not hasattr(model_for_train, "no_sync")
+            last = m == t.accum_steps - 1
+            set_gradient_sync(step_module, last)  # FSDP2: reduce-scatter on the last micro-batch only
+            sync = last or not hasattr(model_for_train, "no_sync")
             with (contextlib.nullcontext() if sync else model_for_train.no_sync()), autocast:
                 out = model_for_train(batch)
                 loss = out.loss / t.accum_steps
@@ -214,23 +305,46 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
                       progress)
             window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
         if state.step % t.save_every == 0 or state.step == t.steps:
-            full = _checkpoint_state(state, step_module, optimizer, scheduler, scaler, cfg)
-            if full is not None:
-                ckpt.save(full, state.step)
+            _save(ckpt, fmt, state, step_module, optimizer, scheduler, scaler, cfg, micro)
         if kill_at and state.step == kill_at:  # test hook: die like a pre-empted job
+            ckpt.finish()  # an async save is complete
             barrier()  # rank 0 has finished writing the checkpoint before any rank dies
             os.kill(os.getpid(), signal.SIGKILL)
         if t.eval_every and state.step % t.eval_every == 0 and state.step != t.steps:
-            evaluate(cfg, method, parts, step_module, writer, state.step, device)
+            evaluate(cfg, method, parts, _eval_view(step_module, cfg, method, parts, device), writer, state.step,
+                     device)
             model_for_train.train()
+    ckpt.finish()  # the last async save
     if progress is not None:
         progress.close()
     results: dict[str, float] = {}
     if cfg.eval.at_end:
-        results = evaluate(cfg, method, parts, step_module, writer, state.step, device)
+        results = evaluate(cfg, method, parts, _eval_view(step_module, cfg, method, parts, device), writer,
+                           state.step, device)
     if is_main() and state.skipped:
         log.info("skipped samples: %s", state.skipped)
     return results
+
+
+def _eval_view(step_module: TrainStep, cfg: RunConfig, method: MethodSpec, parts: Any,
+               device: torch.device) -> nn.Module:
+    """The module to evaluate: ``step_module`` itself, or under FSDP a full, unsharded copy on every rank.
+
+    Evaluation calls the towers' own methods (``encode_image``...), not the sharded forward, and each rank
+    evaluates a different number of batches, so it cannot run on the shards: the parameters are gathered
+    (``get_model_state_dict(full_state_dict=True)``, a collective) into a freshly built model. This costs one
+    full copy of the model per rank while evaluating.
+    """
+    if not is_sharded(step_module):
+        return step_module
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(step_module, options=StateDictOptions(full_state_dict=True))
+    saved = rng_state()  # building draws random inits: keep the training's RNG stream as it was
+    view = TrainStep(method.build_model(cfg, parts.tokenizer), method.build_loss(cfg)).to(device)
+    set_rng_state(saved)
+    view.load_state_dict(full)
+    return view
 
 
 def _account(state: _State, meta: BatchMeta) -> None:
@@ -244,11 +358,12 @@ def _account(state: _State, meta: BatchMeta) -> None:
 
 def _optimizer_step(module: nn.Module, optimizer, scaler, grad_clip: float, nonfinite: torch.Tensor,
                     parts: dict[str, torch.Tensor]) -> None:
+    sync_replicated_grads(module)  # FSDP: the scalars it leaves replicated (no-op otherwise)
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in module.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    norm = full_norm(params, max_norm)  # the global norm, DTensor (FSDP) gradients included
     parts["grad_norm"] = norm.detach()
     if scaler is not None:  # the scaler already skips non-finite steps
         scaler.step(optimizer)

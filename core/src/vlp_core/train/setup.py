@@ -19,6 +19,7 @@ from vlp_core.config import RunConfig
 from vlp_core.distributed import DistInfo, barrier, broadcast_object, is_main
 from vlp_core.logging.writer import RunWriter
 from vlp_core.method import MethodSpec
+from vlp_core.train.checkpoint import CheckpointManager
 
 __all__ = ["Parts", "build_parts", "resolve_output_dir", "resolve_world", "evaluate", "load_tokenizer", "uses_world",
            "data_worlds", "configured_world", "NO_TOKENIZER"]
@@ -55,7 +56,7 @@ def resolve_output_dir(cfg: RunConfig) -> Path:
     if is_main():
         path.mkdir(parents=True, exist_ok=True)
         ckpts = path / "checkpoints"
-        if not cfg.train.resume and ckpts.is_dir() and any(ckpts.glob("step_*.pt")):
+        if not cfg.train.resume and ckpts.is_dir() and CheckpointManager(ckpts).list():
             raise ValueError(f"{path} already holds checkpoints: pass --resume latest to continue that run, "
                              "or choose another --output-dir")
     barrier()

@@ -139,14 +139,18 @@ def build_adapter(cfg: RunConfig, tokenizer: Any):
 
 
 def build_llm_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:
+    """Stage 1's model, the text model's weights in ``loss.llm_dtype`` (resolved against the run's device and
+    ``train.precision``)."""
     from vlp_llm2clip.caption_model import CaptionEmbedder
+    from vlp_llm2clip.encoder import resolve_llm_dtype
 
     _check_tokenizer(cfg, tokenizer)
+    dtype = resolve_llm_dtype(cfg.loss.llm_dtype, cfg.train.precision)
     if cfg.loss.objective == "mntp":
         from vlp_llm2clip.mntp import MntpModel
 
-        return MntpModel(cfg.loss)
-    return CaptionEmbedder(cfg.loss)
+        return MntpModel(cfg.loss, dtype=dtype)
+    return CaptionEmbedder(cfg.loss, dtype=dtype)
 
 
 def build_llm_loss(cfg: RunConfig) -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vlp_llm2clip.config import LORA_TARGETS, CaptionContrastiveConfig
-from vlp_llm2clip.encoder import LlmEncoder, load_encoder
+from vlp_llm2clip.encoder import LlmEncoder, load_encoder, set_layer_checkpointing
 from vlp_llm2clip.model import resolve_text_model
 
 __all__ = ["CaptionEmbedder", "lora_targets", "used_modules"]
@@ -31,12 +31,16 @@ def used_modules(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 class CaptionEmbedder(nn.Module):
-    """``forward(batch)`` -> ``{"q", "p"[, "n"]}`` [B, D] float32 embeddings, from one forward over 2-3B rows."""
+    """``forward(batch)`` -> ``{"q", "p"[, "n"]}`` [B, D] float32 embeddings, from one forward over 2-3B rows.
 
-    def __init__(self, cfg: CaptionContrastiveConfig, *, from_config: bool = False) -> None:
+    The base model's weights are in ``dtype`` (``loss.llm_dtype``); peft keeps the LoRA weights in float32.
+    """
+
+    def __init__(self, cfg: CaptionContrastiveConfig, *, from_config: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         encoder = load_encoder(resolve_text_model(cfg.text_model), bidirectional=cfg.bidirectional,
-                               from_config=from_config)
+                               from_config=from_config, dtype=dtype)
         encoder.settings.pool_bos = cfg.pool_bos
         if cfg.lora:
             from peft import LoraConfig, get_peft_model
@@ -56,8 +60,4 @@ class CaptionEmbedder(nn.Module):
         return dict(zip(names, emb.chunk(len(names))))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        model = self.encoder.model
-        if enable:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
+        set_layer_checkpointing(self.encoder.model, enable)

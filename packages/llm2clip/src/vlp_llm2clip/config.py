@@ -68,6 +68,10 @@ class CaptionContrastiveConfig:
     """Stage 1: caption-contrastive (supervised SimCSE) LoRA fine-tuning of the text model."""
 
     text_model: str = ""  # a transformers folder (Llama family, or an encoder such as BERT)
+    # The dtype the text model's weights are loaded in, never left to the transformers version: "auto" =
+    # bf16 when the run computes on CUDA (fp32 if train.precision is fp32), fp32 on the CPU. LoRA weights
+    # stay fp32 (peft), so only the frozen base is bf16.
+    llm_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     bidirectional: bool = True
     pool_bos: bool = False
     # Two captions of the same image form a positive pair; a coin flip per sample picks the direction.
@@ -97,5 +101,7 @@ class CaptionContrastiveConfig:
         if self.lora and self.lora_r <= 0:
             raise ValueError(f"loss.lora_r must be positive, got {self.lora_r}")
         _check_text_model(self.text_model)
+        if self.llm_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"loss.llm_dtype must be auto, bf16 or fp32, got {self.llm_dtype!r}")
         if not 0 < self.mntp_probability < 1:
             raise ValueError(f"loss.mntp_probability must be in (0, 1), got {self.mntp_probability}")

@@ -101,7 +101,9 @@ class CaptionTripleAdapter:
         return {"q": query, "p": positive, "n": self._negative(sample, kind, rng), "instruction": instruction}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        from vlp_llm2clip.encoder import tokenize
+        """Token rows of the queries, positives and negatives, all cut to the batch's longest row (they are
+        concatenated into one forward), not padded to the context length."""
+        from vlp_llm2clip.encoder import tokenize, trim_rows
 
         pool_bos = self.cfg.pool_bos
         batch: dict[str, Any] = {}
@@ -118,4 +120,4 @@ class CaptionTripleAdapter:
             for k, v in enc.items():
                 batch[f"{name}_{k}"] = v
         batch["texts"] = [s["q"] for s in samples]
-        return batch
+        return trim_rows(batch, tuple(f"{name}_" for name in parts))

@@ -169,7 +169,7 @@ def embed_shards(pattern: str, out: str | Path, *, text_model: str, caption_keys
     out = Path(out)
     _check_output(out, urls)
     out.mkdir(parents=True, exist_ok=True)
-    encoder = load_encoder(text_model).eval().to(device)
+    encoder = load_encoder(text_model, dtype=torch.float32).eval().to(device)
     encoder.requires_grad_(False)
     tokenizer = Tokenizer.from_pretrained(text_model, context_length=context_length)
     record = run_record(text_model, encoder.settings, tokenizer.context_length, instruction)

@@ -29,9 +29,72 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["EncoderSettings", "LlmEncoder", "hidden_states", "padding_only_mask", "masks_from_tokens", "tokenize",
-           "assemble_rows", "instruct_rows", "load_encoder", "save_encoder", "SETTINGS_FILE"]
+           "assemble_rows", "instruct_rows", "load_encoder", "save_encoder", "SETTINGS_FILE", "LLM_DTYPES",
+           "resolve_llm_dtype", "dtype_kwargs", "trim_rows", "set_layer_checkpointing", "decoder_layers"]
 
 SETTINGS_FILE = "llm2clip.json"
+LLM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_llm_dtype(name: str, precision: str = "auto", *, cuda: bool | None = None) -> torch.dtype:
+    """The dtype the text model's weights are loaded in (``loss.llm_dtype``), never left to transformers.
+
+    ``"auto"``: bfloat16 when the run computes on CUDA (``cuda``, default: CUDA is available) unless
+    ``train.precision`` is ``fp32``; float32 on the CPU. ``"bf16"``/``"fp32"``: as named.
+    """
+    if name == "auto":
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        return torch.bfloat16 if cuda and precision != "fp32" else torch.float32
+    if name not in LLM_DTYPES:
+        raise ValueError(f"loss.llm_dtype must be auto, bf16 or fp32, got {name!r}")
+    return LLM_DTYPES[name]
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``/``from_config`` keyword for ``dtype``: ``dtype`` (transformers >= 4.56), else the
+    older ``torch_dtype``."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__.split("+")[0]) >= Version("4.56")
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a transformers model (or a peft wrapper): its largest list of identical
+    modules (``layers``, ``layer``, ``h``), the unit FSDP2 shards and checkpointing wraps."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1 \
+                and (best is None or len(module) > len(best)):
+            best = module
+    if best is None:
+        raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+    return best
+
+
+def set_layer_checkpointing(model: nn.Module, enable: bool = True) -> None:
+    """Non-reentrant activation checkpointing of every layer of a transformers model (or a peft wrapper):
+    ``activation_checkpointing_enable`` (transformers >= 5), else ``gradient_checkpointing_enable``."""
+    if enable:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def trim_rows(batch: dict[str, Tensor], prefixes: tuple[str, ...] = ("",)) -> dict[str, Tensor]:
+    """Cut the ``<prefix>tokens``/``attention``/``pool``/``labels`` rows of ``batch`` (right padded) to the
+    longest real row among all of them (at least 1 column): no fixed padding to the context length."""
+    keys = [f"{p}{k}" for p in prefixes for k in ("tokens", "attention", "pool", "labels") if f"{p}{k}" in batch]
+    lengths = [int(batch[f"{p}attention"].sum(dim=1).max()) for p in prefixes
+               if f"{p}attention" in batch and batch[f"{p}attention"].numel()]
+    width = max([1, *lengths])
+    return {**batch, **{k: batch[k][:, :width].contiguous() for k in keys}}
 
 
 @dataclass(kw_only=True)
@@ -132,11 +195,16 @@ def instruct_rows(tokens_BL: Tensor, tokenizer: Any, instruction: str, *, pool_b
 
 def hidden_states(model: nn.Module, tokens_BL: Tensor, attention_BL: Tensor, *, bidirectional: bool) -> Tensor:
     """``model``'s last hidden states with position ids over real tokens; a padding-only 4-D mask if
-    ``bidirectional`` (its attention modules must have ``is_causal = False``), else the 2-D mask."""
+    ``bidirectional`` (its attention modules must have ``is_causal = False``; boolean under SDPA, additive
+    under eager attention), else the 2-D mask."""
     attention_BL = attention_BL.to(torch.bool)
     position_BL = (attention_BL.long().cumsum(dim=1) - 1).clamp(min=0)
-    if bidirectional:
-        mask: Tensor = padding_only_mask(attention_BL, next(model.parameters()).dtype)
+    if bidirectional and getattr(getattr(model, "config", None), "_attn_implementation", "") == "sdpa":
+        # Boolean (True = attend): no dtype to match, so it holds whatever dtype the weights are computed in
+        # (autocast, FSDP2's mixed precision).
+        mask: Tensor = attention_BL[:, None, None, :].expand(-1, 1, attention_BL.shape[1], -1)
+    elif bidirectional:
+        mask = padding_only_mask(attention_BL, next(model.parameters()).dtype)
     else:
         mask = attention_BL.long()
     return model(input_ids=tokens_BL, attention_mask=mask, position_ids=position_BL).last_hidden_state
@@ -167,6 +235,11 @@ class LlmEncoder(nn.Module):
         config = getattr(model, "config", None)
         self.width: int = int(config.hidden_size)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The model's transformer layers (the core's FSDP2 shards each one)."""
+        return decoder_layers(self.model)
+
     def hidden_states(self, tokens_BL: Tensor, attention_BL: Tensor) -> Tensor:
         """Last hidden states [B, L, D] (model dtype) under the bidirectional (or the model's own) mask."""
         return hidden_states(self.model, tokens_BL, attention_BL,
@@ -194,8 +267,10 @@ class LlmEncoder(nn.Module):
         return self(tokens_BL[:, :length], attention_BL[:, :length], pool_BL[:, :length])
 
 
-def load_encoder(path: str | Path, *, bidirectional: bool | None = None, from_config: bool = False) -> LlmEncoder:
-    """Load a text model folder (transformers layout, optional ``llm2clip.json``) as an :class:`LlmEncoder`."""
+def load_encoder(path: str | Path, *, bidirectional: bool | None = None, from_config: bool = False,
+                 dtype: torch.dtype = torch.float32) -> LlmEncoder:
+    """Load a text model folder (transformers layout, optional ``llm2clip.json``) as an :class:`LlmEncoder`,
+    its weights in ``dtype`` (explicit: transformers 5 would otherwise keep the checkpoint's dtype, 4.x float32)."""
     from transformers import AutoConfig, AutoModel
 
     folder = Path(path).expanduser()
@@ -205,7 +280,7 @@ def load_encoder(path: str | Path, *, bidirectional: bool | None = None, from_co
     if bidirectional is None:
         bidirectional = settings.bidirectional
     # Eager or SDPA attention both honour the 4-D mask; flash attention would ignore it, so it is not offered.
-    kwargs = {"attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa", **dtype_kwargs(dtype)}
     if from_config:
         model = AutoModel.from_config(AutoConfig.from_pretrained(folder), **kwargs)
     else:

@@ -5,7 +5,11 @@ A fraction ``p`` of the content tokens (not BOS/EOT/padding) is selected; of tho
 stay. The logit at position t-1 predicts the original token t (the causal LM head, shifted labels):
 ``L = -mean_{t in M} log softmax(W h_{t-1})[x_t]`` over this rank's selected tokens.
 
-Legend: B batch, L length, V vocabulary.
+Memory: rows are cut to the batch's longest (not padded to the context length); the LM head runs only on the
+hidden states that predict a selected token (M x V logits, about ``p`` of B x L x V); the text model's weights
+are in ``loss.llm_dtype``; ``train.grad_checkpointing`` checkpoints every decoder layer.
+
+Legend: B batch, L length, V vocabulary, D hidden size, M selected (masked) positions of the batch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from torch import nn
 
 from vlp_core.data.adapters import read_caption
 from vlp_core.method import LossOutput
-from vlp_llm2clip.encoder import hidden_states, masks_from_tokens
+from vlp_llm2clip.encoder import (
+    decoder_layers,
+    dtype_kwargs,
+    hidden_states,
+    masks_from_tokens,
+    set_layer_checkpointing,
+    trim_rows,
+)
 
 __all__ = ["MntpModel", "MntpLoss", "MntpAdapter", "mask_token_id"]
 
@@ -68,23 +79,29 @@ class MntpAdapter:
         return {"tokens": ids, "attention": attention, "labels": labels, "texts": ""}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "attention", "labels")}
+        """Rows stacked and cut to the batch's longest."""
+        return trim_rows({k: torch.stack([s[k] for s in samples]) for k in ("tokens", "attention", "labels")})
 
 
 class MntpModel(nn.Module):
-    """A causal-LM (``AutoModelForCausalLM``) whose inner model runs bidirectionally; LoRA optional."""
+    """A causal-LM (``AutoModelForCausalLM``) whose inner model runs bidirectionally; LoRA optional.
 
-    def __init__(self, cfg: Any, *, from_config: bool = False) -> None:
+    ``forward`` returns ``{"logits": [M, V] float32, "labels": [M]}``: only the positions that predict a
+    selected token go through the LM head.
+    """
+
+    def __init__(self, cfg: Any, *, from_config: bool = False, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from vlp_llm2clip.model import resolve_text_model
 
         folder = resolve_text_model(cfg.text_model)
+        kwargs: dict[str, Any] = {"attn_implementation": "sdpa", **dtype_kwargs(dtype)}
         if from_config:
-            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), attn_implementation="sdpa")
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), **kwargs)
         else:
-            lm = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+            lm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         for m in lm.modules():
             if getattr(m, "is_causal", False):
                 m.is_causal = False
@@ -97,17 +114,30 @@ class MntpModel(nn.Module):
                                                bias="none", target_modules=lora_targets(cfg, lm.config.model_type)))
         self.lm = lm
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers (the core's FSDP2 shards each one)."""
+        return decoder_layers(self.lm)
+
     def causal_lm(self) -> nn.Module:
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         lm = self.causal_lm()
         hidden_BLD = hidden_states(lm.model, batch["tokens"], batch["attention"], bidirectional=True)
-        logits_BLV = lm.lm_head(hidden_BLD[:, :-1]).float()
-        return {"logits": logits_BLV, "labels": batch["labels"][:, 1:]}
+        labels_BL = batch["labels"][:, 1:]  # position t-1 predicts token t
+        selected_BL = labels_BL != IGNORE
+        hidden_MD = hidden_BLD[:, :-1][selected_BL]
+        return {"logits": lm.lm_head(hidden_MD).float(), "labels": labels_BL[selected_BL]}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every decoder layer (``train.grad_checkpointing``), non-reentrant."""
+        set_layer_checkpointing(self.lm, enable)
 
 
 class MntpLoss(nn.Module):
+    """Mean cross-entropy over the selected positions (``logits`` [M, V] or [B, L, V] with ``IGNORE`` labels)."""
+
     def forward(self, features: dict[str, Any], batch: dict[str, Any]) -> LossOutput:
         logits, labels = features["logits"], features["labels"]
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,

@@ -154,7 +154,10 @@ class Llm2ClipModel(nn.Module):
     """``forward(batch)``: ``image_features`` from the images, ``text_features`` from ``batch["text_emb"]``.
 
     The frozen text model is not a registered submodule (it is neither trained nor checkpointed); it is built
-    on first use by :meth:`encode_text`, which evaluation calls with core-tokenizer rows.
+    on first use by :meth:`encode_text`, which evaluation calls with core-tokenizer rows. It runs in float32
+    with autocast off, as ``llm2clip-embed`` computes the training embeddings, and is dropped (off the GPU,
+    its memory returned to the allocator's pool) when the model goes back to training (``train()``, which the
+    trainer's evaluation calls when it is done) or on :meth:`release_text_encoder`.
     """
 
     def __init__(self, cfg: RunConfig, *, llm_dim: int, tokenizer: Any = None) -> None:
@@ -180,10 +183,24 @@ class Llm2ClipModel(nn.Module):
         if not self._encoder:
             from vlp_llm2clip.encoder import load_encoder
 
-            encoder = load_encoder(resolve_text_model(self._text_model)).eval()
+            encoder = load_encoder(resolve_text_model(self._text_model), dtype=torch.float32).eval()
             encoder.requires_grad_(False)
             self._encoder.append(encoder)
         return self._encoder[0].to(device)
+
+    def release_text_encoder(self) -> None:
+        """Drop the frozen text model (it is reloaded on the next :meth:`encode_text`)."""
+        if not self._encoder:
+            return
+        on_cuda = any(p.is_cuda for p in self._encoder[0].parameters())
+        self._encoder.clear()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def train(self, mode: bool = True) -> Llm2ClipModel:
+        if mode:
+            self.release_text_encoder()  # evaluation is over: the LLM does not stay resident during training
+        return super().train(mode)
 
     @torch.no_grad()
     def embed_tokens(self, tokens_BL: torch.Tensor) -> torch.Tensor:
@@ -191,7 +208,8 @@ class Llm2ClipModel(nn.Module):
         if self._tokenizer is None:
             raise ValueError("encode_text needs the tokenizer the model was built with")
         encoder = self.text_encoder(tokens_BL.device)
-        return encoder.forward_tokens(tokens_BL, self._tokenizer, instruction=self._instruction)
+        with torch.autocast(tokens_BL.device.type, enabled=False):  # float32, as the extraction
+            return encoder.forward_tokens(tokens_BL, self._tokenizer, instruction=self._instruction)
 
     def encode_text(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         return self.text_adapter(self.embed_tokens(tokens_BL))

@@ -156,6 +156,10 @@ def llama3_8b_cc() -> RunConfig:
     cfg.train.save_every, cfg.train.image_grid_every = 500, 0
     cfg.data.workers = 8
     cfg.data.require_train_data = True
+    # The shapes world's colour-swapped negative needs json.objects, which real captions lack (every sample
+    # would be skipped). The official hard negative is a caption of a random other row: one of the in-batch
+    # negatives already, so the preset uses the in-batch negatives alone.
+    cfg.loss.hard_negative = "none"
     return cfg
 
 

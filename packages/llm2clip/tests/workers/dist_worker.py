@@ -1,10 +1,12 @@
 """torchrun worker: both stages' loss and gradients on a W-way split of one global batch (gloo, CPU).
 
 Every rank builds the same seeded model (``build_stage``), takes rows ``[rank*B, (rank+1)*B)`` of the same
-global batch (``global_batch``), runs the step through DDP and rank 0 saves the mean loss over ranks and the
-DDP-averaged gradients. The pytest side computes the same step in one process on the whole batch.
+global batch (``global_batch``), runs the step through DDP (or the core's FSDP2 for ``<stage>_fsdp`` jobs)
+and rank 0 saves the mean loss over ranks and the averaged (for FSDP: gathered) gradients. The pytest side
+computes the same step in one process on the whole batch.
 
-Usage: dist_worker.py OUT_DIR llm=TEXT_MODEL clip=TEXT_MODEL   (writes OUT_DIR/<stage>.pt)
+Usage: dist_worker.py OUT_DIR llm=TEXT_MODEL clip=TEXT_MODEL [llm_fsdp=... clip_fsdp=...]
+(writes OUT_DIR/<job>.pt)
 """
 
 from __future__ import annotations
@@ -62,7 +64,13 @@ def shard(batch: dict, rank: int, world: int) -> dict:
 
 
 def grads(module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    """Every gradient, whole (a DTensor shard is gathered: a collective, so every rank calls this)."""
+    out = {}
+    for n, p in module.named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            out[n] = g.detach().clone()
+    return out
 
 
 def main() -> None:
@@ -70,16 +78,30 @@ def main() -> None:
 
     out_dir, jobs = sys.argv[1], [a.split("=", 1) for a in sys.argv[2:]]
     info = init_distributed(device="cpu")
-    for stage, text_model in jobs:
+    for job, text_model in jobs:
+        stage = job.removesuffix("_fsdp")
         step, batch = build_stage(stage, text_model)
-        ddp = wrap_ddp(step, info)
-        loss = ddp(shard(batch, info.rank, info.world_size)).loss
+        sharded = 0
+        if job.endswith("_fsdp"):
+            from torch.distributed.fsdp import FSDPModule
+
+            from vlp_core.train.parallel import apply_parallel, sync_replicated_grads
+
+            run = apply_parallel(step, info, parallel="fsdp")
+            sharded = sum(isinstance(m, FSDPModule) for m in step.modules())
+        else:
+            run = wrap_ddp(step, info)
+        loss = run(shard(batch, info.rank, info.world_size)).loss
         loss.backward()
+        if job.endswith("_fsdp"):
+            sync_replicated_grads(step)
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         mean /= info.world_size
+        got = grads(step)
         if info.rank == 0:
-            torch.save({"loss": mean, "grads": grads(step), "world": info.world_size}, f"{out_dir}/{stage}.pt")
+            torch.save({"loss": mean, "grads": got, "world": info.world_size, "fsdp_modules": sharded},
+                       f"{out_dir}/{job}.pt")
     cleanup()
 
 
