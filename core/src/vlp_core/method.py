@@ -8,7 +8,14 @@ Contract of the parts:
   the features the loss needs. For evaluation it exposes ``encode_image(images_BCHW)`` and
   ``encode_text(tokens_BL)``; a method whose score does not factorise provides ``build_scorer``.
 - ``build_loss(cfg) -> nn.Module`` whose ``forward(features: dict, batch: dict) -> LossOutput``. Learnable
-  temperatures and method state (running averages as buffers) live here; both are checkpointed.
+  temperatures and method state (running averages as buffers) live here; both are checkpointed. Optional
+  ``after_step(finite: Tensor)``: called once per optimizer step, after it, on every rank, with a 0-dim
+  boolean tensor (False when the NaN guard skipped the step; read it on the device, without a host sync).
+  State that forward computes from a batch is staged there and applied here, so exact accumulation (forward
+  runs once per chunk on the whole batch's features) and skipped steps update it once, or not at all.
+- ``exact_accumulation``: the model's features merge across chunks (batch-first tensors concatenated,
+  0-dim tensors summed) and the loss then gives the whole batch's gradient; see
+  :mod:`vlp_core.train.accumulate`.
 - ``build_adapter(cfg, tokenizer) -> SampleAdapter``: turns one raw webdataset sample (member bytes by
   extension) into tensors, or raises :class:`SkipSample`; ``collate`` stacks a list of them.
 - ``build_scorer(model) -> Scorer`` (optional): used by zero-shot and retrieval evaluation.
@@ -81,6 +88,9 @@ class MethodSpec:
     build_adapter: Callable[[RunConfig, Any], SampleAdapter]
     build_scorer: Callable[[nn.Module], Scorer] | None = None
     visualize: Callable[[nn.Module, nn.Module, dict[str, Any]], Mapping[str, Any]] | None = None
+    # The loss couples samples and supports exact accumulation: with train.accum_steps > 1 one step gives the
+    # whole batch's gradient (vlp_core.train.accumulate). False: the loss is cut per chunk.
+    exact_accumulation: bool = False
     default_preset: str = "demo"
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)

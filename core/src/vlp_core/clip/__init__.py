@@ -55,5 +55,6 @@ METHOD = MethodSpec(
     build_model=build_model,
     build_loss=build_loss,
     build_adapter=build_adapter,
+    exact_accumulation=True,
     description="CLIP (InfoNCE) or SigLIP (sigmoid) contrastive pre-training of a dual encoder",
 )

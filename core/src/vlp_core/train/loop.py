@@ -1,7 +1,9 @@
 """The step-based trainer: ``run(cfg, method)`` is all a method's CLI calls.
 
-One step = ``accum_steps`` micro-batches whose sizes add up to the global batch over all ranks. The loop
-reads host values only at log steps; the NaN/Inf guard skips a non-finite step on the device where the
+One step = each rank's share of the global batch, read as one batch and, with ``accum_steps`` > 1, split into
+that many chunks: for a method with ``exact_accumulation`` the step's gradient is the whole batch's
+(:mod:`vlp_core.train.accumulate`), otherwise the loss is cut per chunk. The loop reads host values only at
+log steps; the NaN/Inf guard skips a non-finite step on the device where the
 fused optimizer allows it.
 
 Parallelism (``train.parallel``: DDP, FSDP2 or HSDP) is applied by :mod:`vlp_core.train.parallel` before the
@@ -29,7 +31,8 @@ from vlp_core.data.transforms import prepare_images
 from vlp_core.data.wds import BatchMeta, WdsPipeline, build_train_loader, parse_sources
 from vlp_core.distributed import DistInfo, all_gather_object, barrier, init_distributed, is_main
 from vlp_core.logging.writer import RunWriter, caption_grid
-from vlp_core.method import LossOutput, MethodSpec
+from vlp_core.method import MethodSpec
+from vlp_core.train.accumulate import accumulate_exact, split_batch
 from vlp_core.train.checkpoint import CheckpointManager, is_dcp_checkpoint, rng_state, set_rng_state
 from vlp_core.train.optim import build_optimizer, build_scheduler
 from vlp_core.train.parallel import (
@@ -48,15 +51,29 @@ log = logging.getLogger("vlp")
 
 
 class TrainStep(nn.Module):
-    """Model and loss as one module, so DDP syncs the loss's learnable temperature and bias too."""
+    """Model and loss as one module, so DDP syncs the loss's learnable temperature and bias too.
+
+    ``forward(batch)`` is the loss of ``batch``. For exact accumulation (:mod:`vlp_core.train.accumulate`)
+    it also gives a chunk's features alone (``features_only``), or the loss of the whole ``full_batch`` from
+    the ``cached`` features of its chunks with chunk ``index``'s recomputed with gradient.
+    """
 
     def __init__(self, model: nn.Module, loss: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
 
-    def forward(self, batch: dict[str, Any]) -> LossOutput:
-        return self.loss(self.model(batch), batch)
+    def forward(self, batch: dict[str, Any], *, features_only: bool = False, cached: list | None = None,
+                index: int = 0, full_batch: dict[str, Any] | None = None) -> Any:
+        features = self.model(batch)
+        if features_only:
+            return features
+        if cached is not None:
+            from vlp_core.train.accumulate import merge_features
+
+            features = merge_features([*cached[:index], features, *cached[index + 1:]])
+            batch = full_batch if full_batch is not None else batch
+        return self.loss(features, batch)
 
 
 @dataclass
@@ -64,7 +81,7 @@ class _State:
     step: int = 0
     data: dict[int, int] = field(default_factory=dict)  # logical worker -> raw samples consumed
     skipped: dict[str, int] = field(default_factory=dict)
-    batches: int = 0  # micro-batches consumed on this rank
+    batches: int = 0  # rank batches (whole steps' worth, all accumulation chunks) consumed on this rank
     base: int = 0  # samples this rank took over when resuming on another world size (see ``_restore``)
 
 
@@ -94,10 +111,10 @@ def _to_device(batch: dict[str, Any], device: torch.device, *, mean: list[float]
     return out
 
 
-def _record(state: _State, micro: int) -> dict[str, Any]:
+def _record(state: _State, rank_batch: int) -> dict[str, Any]:
     """This rank's part of a checkpoint: RNG states, data position (opaque per consumer), batches, samples."""
     return {"rng": rng_state(), "data": dict(state.data), "batches": state.batches,
-            "samples": state.base + state.batches * micro}
+            "samples": state.base + state.batches * rank_batch}
 
 
 def _shared(state: _State, scheduler, scaler, cfg: RunConfig) -> dict[str, Any]:
@@ -107,21 +124,21 @@ def _shared(state: _State, scheduler, scaler, cfg: RunConfig) -> dict[str, Any]:
 
 
 def _save(ckpt: CheckpointManager, fmt: str, state: _State, step_module: nn.Module, optimizer, scheduler, scaler,
-          cfg: RunConfig, micro: int) -> None:
+          cfg: RunConfig, rank_batch: int) -> None:
     """One checkpoint: a DCP folder every rank writes, or one file rank 0 writes with every rank's record."""
     shared = _shared(state, scheduler, scaler, cfg)
     if fmt == "dcp":
-        ckpt.save_dcp(state.step, step_module, optimizer, shared, _record(state, micro),
+        ckpt.save_dcp(state.step, step_module, optimizer, shared, _record(state, rank_batch),
                       async_save=cfg.train.async_save)
         return
-    per_rank = all_gather_object(_record(state, micro))
+    per_rank = all_gather_object(_record(state, rank_batch))
     if is_main():
         ckpt.save({**shared, "model": step_module.state_dict(), "optimizer": optimizer.state_dict(),
                    "ranks": per_rank}, state.step)
 
 
 def _restore(path: Path, shared: dict[str, Any], records: list[dict[str, Any]], info: DistInfo, cfg: RunConfig,
-             workers: int, micro: int) -> _State:
+             workers: int, rank_batch: int) -> _State:
     """The loop state after ``path``: exact with the writing world size; else the same global sample count.
 
     The RNG states are not set here (:func:`_restore_rng`, once the data loader has drawn its seed).
@@ -136,7 +153,7 @@ def _restore(path: Path, shared: dict[str, Any], records: list[dict[str, Any]], 
     skipped = dict(shared.get("skipped", {}))
     if len(records) == info.world_size:
         mine = records[info.rank]
-        base = int(mine["samples"]) - mine["batches"] * micro if "samples" in mine else 0
+        base = int(mine["samples"]) - mine["batches"] * rank_batch if "samples" in mine else 0
         return _State(step=step, data={int(k): v for k, v in mine["data"].items()}, skipped=skipped,
                       batches=mine["batches"], base=base)
     if not is_dcp_checkpoint(path):
@@ -203,6 +220,10 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
     if micro * info.world_size * t.accum_steps != t.batch_size or micro == 0:
         raise ValueError(f"train.batch_size {t.batch_size} must be divisible by world size {info.world_size} "
                          f"x accum_steps {t.accum_steps}")
+    # The loader yields each rank's whole step batch; accumulation splits it into accum_steps chunks, so the
+    # samples of a global batch do not depend on accum_steps.
+    rank_batch = micro * t.accum_steps
+    exact = t.accum_steps > 1 and method.exact_accumulation
     step_module = TrainStep(parts.model, parts.loss).to(device)
     if t.grad_checkpointing and hasattr(parts.model, "set_grad_checkpointing"):
         parts.model.set_grad_checkpointing(True)
@@ -249,11 +270,11 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
         scheduler.load_state_dict(shared["scheduler"])
         if scaler is not None and shared.get("scaler"):
             scaler.load_state_dict(shared["scaler"])
-        state = _restore(path, shared, records, info, cfg, workers, micro)
+        state = _restore(path, shared, records, info, cfg, workers, rank_batch)
         log.info("resumed from %s at step %d", path, state.step)
 
     pipeline = WdsPipeline(
-        parse_sources(parts.train_data, cfg.data.train_weights), parts.adapter, batch_size=micro,
+        parse_sources(parts.train_data, cfg.data.train_weights), parts.adapter, batch_size=rank_batch,
         seed=cfg.data.seed, rank=info.rank, world_size=info.world_size, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, start=state.data,
         worker_offset=state.batches % workers if cfg.data.workers > 0 else 0, seed_samples=True)
@@ -274,26 +295,40 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
     model_for_train.train()
     while state.step < t.steps:
         optimizer.zero_grad(set_to_none=True)
-        for m in range(t.accum_steps):
-            t0 = time.perf_counter()
-            batch, meta = next(loader)
-            wait_time += time.perf_counter() - t0
-            _account(state, meta)
-            if is_main() and t.image_grid_every and state.step % t.image_grid_every == 0 and m == 0:
-                _log_grid(writer, state.step, batch)
-            batch = _to_device(batch, device, mean=cfg.model.vision.image_mean, std=cfg.model.vision.image_std)
-            if (method.visualize is not None and is_main() and t.image_grid_every and not sharded
-                    and state.step % t.image_grid_every == 0 and m == 0):
-                _log_method_images(writer, state.step, method, step_module, batch)
-            last = m == t.accum_steps - 1
-            set_gradient_sync(step_module, last)  # FSDP2: reduce-scatter on the last micro-batch only
-            sync = last or not hasattr(model_for_train, "no_sync")
-            with (contextlib.nullcontext() if sync else model_for_train.no_sync()), autocast:
-                out = model_for_train(batch)
-                loss = out.loss / t.accum_steps
+        t0 = time.perf_counter()
+        batch, meta = next(loader)
+        wait_time += time.perf_counter() - t0
+        _account(state, meta)
+        if is_main() and t.image_grid_every and state.step % t.image_grid_every == 0:
+            _log_grid(writer, state.step, batch)
+        batch = _to_device(batch, device, mean=cfg.model.vision.image_mean, std=cfg.model.vision.image_std)
+        if (method.visualize is not None and is_main() and t.image_grid_every and not sharded
+                and state.step % t.image_grid_every == 0):
+            _log_method_images(writer, state.step, method, step_module, batch)
+
+        def backward(loss: torch.Tensor) -> None:
             (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        def sync(last: bool) -> contextlib.AbstractContextManager:
+            set_gradient_sync(step_module, last)  # FSDP2: reduce-scatter on the last chunk only
+            if last or not hasattr(model_for_train, "no_sync"):
+                return contextlib.nullcontext()
+            return model_for_train.no_sync()
+
+        chunks = split_batch(batch, t.accum_steps) if t.accum_steps > 1 else [batch]
+        if exact:
+            out = accumulate_exact(step_module, model_for_train, chunks, batch, backward=backward, sync=sync,
+                                   autocast=autocast, device=device)
+        else:  # one chunk, or a method whose loss is cut per chunk (MethodSpec.exact_accumulation False)
+            for m, chunk in enumerate(chunks):
+                with sync(m == len(chunks) - 1), autocast:
+                    out = model_for_train(chunk)
+                backward(out.loss / len(chunks))
         last_parts = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.parts.items()}}
         _optimizer_step(step_module, optimizer, scaler, t.grad_clip, nonfinite, last_parts)
+        after_step = getattr(step_module.loss, "after_step", None)
+        if after_step is not None:  # method state, once per step on the whole batch; not after a skipped step
+            after_step(nonfinite == 0)
         scheduler.step()
         state.step += 1
         window_steps += 1
@@ -305,7 +340,7 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
                       progress)
             window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
         if state.step % t.save_every == 0 or state.step == t.steps:
-            _save(ckpt, fmt, state, step_module, optimizer, scheduler, scaler, cfg, micro)
+            _save(ckpt, fmt, state, step_module, optimizer, scheduler, scaler, cfg, rank_batch)
         if kill_at and state.step == kill_at:  # test hook: die like a pre-empted job
             ckpt.finish()  # an async save is complete
             barrier()  # rank 0 has finished writing the checkpoint before any rank dies
