@@ -92,6 +92,10 @@ def test_module_matches_plain_reference(use):
     out = run(loss, x, t, c)
     want, h_new, (ws, wt, wc) = ref_alip(x, t, c, loss.logit_scale, h0, m=0.9, use=use)
     torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=0)
+    assert [float(v) for v in (loss.h_tc, loss.h_xt, loss.h_xc)] == list(h0)  # staged: H moves after the step
+    for key, v in zip(("H_tc", "H_xt", "H_xc"), h_new):  # the new H, used by this step's gates
+        assert math.isclose(float(out.parts[key]), v, rel_tol=1e-12)
+    loss.after_step(torch.tensor(True))
     for buf, v in zip((loss.h_tc, loss.h_xt, loss.h_xc), h_new):
         assert math.isclose(float(buf), v, rel_tol=1e-12)
     assert math.isclose(float(out.parts["gate_ws_mean"]), sum(ws) / 7, rel_tol=1e-12)
@@ -110,13 +114,38 @@ def test_module_matches_plain_reference(use):
 def test_running_average_starts_at_one_and_converges_to_the_mean():
     loss = AlipLoss(AlipConfig())
     assert float(loss.h_tc) == float(loss.h_xt) == float(loss.h_xc) == 1.0
-    assert {k for k, _ in loss.named_buffers()} == {"h_tc", "h_xt", "h_xc"}
+    assert set(loss.state_dict()) == {"logit_scale", "h_tc", "h_xt", "h_xc"}  # the stage is not checkpointed
     x, t, c = (f.float().detach() for f in feats(n=16, seed=5))
     for step in range(1, 4):
         run(loss, x, t, c)
+        loss.after_step(torch.tensor(True))
         s_xt = float((normalize_features(x) * normalize_features(t)).sum(-1).mean())
         want = 0.99**step * 1.0 + (1 - 0.99**step) * s_xt  # closed form of the EMA of a constant mean
         assert math.isclose(float(loss.h_xt), want, rel_tol=1e-5)
+
+
+def test_running_average_moves_once_per_step_and_not_on_a_skipped_step():
+    """Exact accumulation runs forward once per chunk on the whole batch's features; the NaN guard may skip a
+    step: H moves once per after_step(True), from the last forward, and never on after_step(False)."""
+    loss = make_loss(momentum=0.9)
+    x, t, c = feats(n=6, seed=6, requires_grad=False)
+    x2, t2, c2 = feats(n=6, seed=7, requires_grad=False)
+    for _ in range(3):  # k chunk forwards on the same (whole-batch) features stage the same values
+        first = run(loss, x, t, c)
+    _, h1, _ = ref_alip(x, t, c, loss.logit_scale, (1.0, 1.0, 1.0), m=0.9)
+    assert [float(v) for v in (loss.h_tc, loss.h_xt, loss.h_xc)] == [1.0, 1.0, 1.0]
+    loss.after_step(torch.tensor(True))
+    got = [float(v) for v in (loss.h_tc, loss.h_xt, loss.h_xc)]
+    assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(got, h1)) and got != [1.0, 1.0, 1.0]
+    loss.after_step(torch.tensor(True))  # no forward since: nothing staged, nothing moves
+    assert [float(v) for v in (loss.h_tc, loss.h_xt, loss.h_xc)] == got
+    second = run(loss, x2, t2, c2)  # a step whose update the NaN guard skips
+    loss.after_step(torch.tensor(False))
+    assert [float(v) for v in (loss.h_tc, loss.h_xt, loss.h_xc)] == got
+    assert float(second.parts["H_tc"]) != got[0]  # it had staged a different H
+    loss.after_step(torch.tensor(True))  # and a later step does not pick up the skipped step's stage
+    assert [float(v) for v in (loss.h_tc, loss.h_xt, loss.h_xc)] == got
+    assert first.parts["H_xt"].requires_grad is False
 
 
 def test_noisy_clean_parts():

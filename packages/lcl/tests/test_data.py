@@ -125,24 +125,28 @@ def test_visual_tokens_land_in_their_slots_and_labels(tokenizer) -> None:
     ids, P = adapter.ids, adapter.P
     torch.manual_seed(0)
     model = LclModel(cfg, tokenizer)
-    N = batch["images"].shape[0]
+    N = sum(len(o["images"]) for o in outs)
     tokens_NPD = torch.randn(N, P, model.lm.width)
     x = model.interleave(batch["tokens"], tokens_NPD)
     emb = model.lm.embed(batch["tokens"])
     n = 0
-    soi_expected = []
+    soi_expected: list[list[int]] = []
     for b in range(batch["tokens"].shape[0]):
         row = batch["tokens"][b].tolist()
         starts = _spans(row[: len(outs[b]["ids"])], ids, P)
-        for st in starts:
+        for m, st in enumerate(starts):
             torch.testing.assert_close(x[b, st + 1 : st + 1 + P], tokens_NPD[n], rtol=0, atol=0)
-            soi_expected.append(b * len(row) + st)
+            assert torch.equal(batch["images"][b, m], outs[b]["images"][m])  # row b's images first, in order
             n += 1
+        assert not batch["images"][b, len(starts):].any()  # zero padding after them
+        soi_expected.append(starts)
         other = torch.tensor([t != ids.img for t in row])
         torch.testing.assert_close(x[b][other], emb[b][other], rtol=0, atol=0)
     assert n == N
-    assert batch["soi_index"].tolist() == soi_expected
-    assert batch["has_context"].tolist() == [h for o in outs for h in o["has_context"]]
+    assert batch["soi_pos"] == soi_expected
+    M = batch["images"].shape[1]
+    assert M == 3 and batch["has_context"].tolist() == [o["has_context"] + [False] * (M - len(o["has_context"]))
+                                                         for o in outs]
     # Labels: plain-loop reference; never <img>, <eoi> or a pad target.
     L = batch["tokens"].shape[1]
     for b, o in enumerate(outs):
@@ -150,11 +154,10 @@ def test_visual_tokens_land_in_their_slots_and_labels(tokenizer) -> None:
         want = [row[t + 1] if row[t + 1] not in (ids.img, ids.eoi) else IGNORE for t in range(len(row) - 1)]
         want += [IGNORE] * (L - len(want))
         assert batch["labels"][b].tolist() == want
-    targets = set(batch["gen_target"].tolist())
+    assert batch["gen_pos"] == [[t for t in range(L) if batch["labels"][b, t] != IGNORE] for b in range(len(outs))]
+    targets = {int(batch["labels"][b, t]) for b, row in enumerate(batch["gen_pos"]) for t in row}
     assert not targets & {ids.img, ids.eoi, IGNORE}
     assert ids.soi in targets and ids.eot in targets
-    assert batch["gen_index"].numel() == int((batch["labels"] != IGNORE).sum())
-    assert (batch["labels"].flatten()[batch["gen_index"]] == batch["gen_target"]).all()
 
 
 def test_assemble_min_context_zero_is_the_position_rule(tokenizer) -> None:

@@ -72,7 +72,8 @@ def test_forward_features_match_a_plain_recomputation(tokenizer) -> None:
     batch["images"] = batch["images"].to(F64)
     out = model(batch)
     # Per sequence, recompute the LM on that row alone (no batch neighbours, no padding).
-    latent, toks = model.encode_patches(batch["images"])
+    flat = [batch["images"][b, m] for b, row in enumerate(batch["soi_pos"]) for m in range(len(row))]
+    latent, toks = model.encode_patches(torch.stack(flat))
     torch.testing.assert_close(out["image_latent"], latent)
     n, nll, count = 0, torch.zeros((), dtype=F64), 0
     ctx = []

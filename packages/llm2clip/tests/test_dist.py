@@ -27,20 +27,22 @@ def _has_fsdp() -> bool:
 def two_rank_results(tiny_llama, tiny_bert, tmp_path_factory) -> Path:
     """One torchrun launch for both stages, under DDP and under FSDP2 (startup dominates on 2 cores)."""
     out = tmp_path_factory.mktemp("dist")
-    jobs = [f"llm={tiny_llama}", f"clip={tiny_bert}"]
+    jobs = [f"llm={tiny_llama}", f"clip={tiny_bert}", f"llm_accum={tiny_llama}", f"clip_accum={tiny_bert}"]
     if _has_fsdp():
         jobs += [f"llm_fsdp={tiny_llama}", f"clip_fsdp={tiny_bert}"]
     run_torchrun(WORKERS / "dist_worker.py", 2, str(out), *jobs, timeout=200)
     return out
 
 
-@pytest.mark.parametrize("job", ["llm", "clip", "llm_fsdp", "clip_fsdp"])
+@pytest.mark.parametrize("job", ["llm", "clip", "llm_fsdp", "clip_fsdp", "llm_accum", "clip_accum"])
 def test_two_ranks_match_one_process(job, tiny_llama, tiny_bert, two_rank_results):
     """DDP and FSDP2 (stage 1: the tiny Llama's decoder layers sharded one by one, LoRA inside them; stage 2:
-    the vision blocks and the adapter's blocks) give the one-process loss and gradients."""
+    the vision blocks and the adapter's blocks) give the one-process loss and gradients; so does DDP with each
+    rank's rows in 2 chunks through exact accumulation (SimCSE's gathered positives and negatives, stage 2's
+    gathered columns and its temperature's gradient)."""
     if job.endswith("_fsdp") and not _has_fsdp():
         pytest.skip("the core has no FSDP2 (vlp_core.train.parallel)")
-    stage = job.removesuffix("_fsdp")
+    stage = job.removesuffix("_fsdp").removesuffix("_accum")
     sys.path.insert(0, str(WORKERS))
     try:
         from dist_worker import build_stage, grads

@@ -123,9 +123,9 @@ def test_mntp_selected_logits_give_the_full_logits_loss_and_gradients(tiny_llama
     cfg = _cfg(tiny_llama, "mntp")
     model = MntpModel(cfg.loss)
     batch = _mntp_batch(model.causal_lm().config.vocab_size)
-    out = model(batch)
+    out = model.selected_logits(batch)
     assert out["logits"].shape == (6, model.causal_lm().config.vocab_size)  # M x V, not B x L x V
-    loss = MntpLoss()(out, batch).loss
+    loss = MntpLoss()(model(batch), batch).loss  # the model's 0-dim sums
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()

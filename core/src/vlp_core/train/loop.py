@@ -325,10 +325,10 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
                     out = model_for_train(chunk)
                 backward(out.loss / len(chunks))
         last_parts = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.parts.items()}}
-        _optimizer_step(step_module, optimizer, scaler, t.grad_clip, nonfinite, last_parts)
+        skipped = _optimizer_step(step_module, optimizer, scaler, t.grad_clip, nonfinite, last_parts)
         after_step = getattr(step_module.loss, "after_step", None)
         if after_step is not None:  # method state, once per step on the whole batch; not after a skipped step
-            after_step(nonfinite == 0)
+            after_step(~skipped)
         scheduler.step()
         state.step += 1
         window_steps += 1
@@ -392,7 +392,8 @@ def _account(state: _State, meta: BatchMeta) -> None:
 
 
 def _optimizer_step(module: nn.Module, optimizer, scaler, grad_clip: float, nonfinite: torch.Tensor,
-                    parts: dict[str, torch.Tensor]) -> None:
+                    parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Clip, then step unless the gradient or loss is non-finite; returns that flag (a device tensor)."""
     sync_replicated_grads(module)  # FSDP: the scalars it leaves replicated (no-op otherwise)
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -400,11 +401,11 @@ def _optimizer_step(module: nn.Module, optimizer, scaler, grad_clip: float, nonf
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     norm = full_norm(params, max_norm)  # the global norm, DTensor (FSDP) gradients included
     parts["grad_norm"] = norm.detach()
-    if scaler is not None:  # the scaler already skips non-finite steps
+    bad = (~torch.isfinite(norm)) | (~torch.isfinite(parts["loss"]))
+    if scaler is not None:  # the scaler already skips non-finite steps (early ones are normal: no counting)
         scaler.step(optimizer)
         scaler.update()
-        return
-    bad = (~torch.isfinite(norm)) | (~torch.isfinite(parts["loss"]))
+        return bad
     if getattr(optimizer, "defaults", {}).get("fused"):
         # The fused AdamW reads ``found_inf`` on the device and skips the update: no host sync.
         optimizer.found_inf = bad.float()
@@ -413,6 +414,7 @@ def _optimizer_step(module: nn.Module, optimizer, scaler, grad_clip: float, nonf
     elif not bool(bad):  # CPU path: a host read here is free
         optimizer.step()
     nonfinite.mul_(bad.float()).add_(bad.float())  # consecutive non-finite steps
+    return bad
 
 
 def _log_step(writer: RunWriter, state: _State, parts: dict[str, torch.Tensor], optimizer, nonfinite,

@@ -42,5 +42,7 @@ METHOD = MethodSpec(
     build_model=build_model,
     build_loss=build_loss,
     build_adapter=build_adapter,
+    # The loss couples the batch's samples: with train.accum_steps > 1 one step gives the whole batch's gradient.
+    exact_accumulation=True,
     description="ALIP: contrastive pre-training on raw text and synthetic captions with consistency gates",
 )

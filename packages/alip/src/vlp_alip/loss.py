@@ -2,9 +2,14 @@
 
 One step on each rank: normalise this rank's image, raw-text and caption features, gather them once (with
 gradient, one collective for all three), compute the per-sample similarities of the global batch without
-gradient, update the running averages H (buffers, so they are checkpointed), derive the gate weights, slice
-them to this rank's rows and evaluate two per-sample weighted symmetric InfoNCE losses, local rows against
-the gathered columns. The mean over ranks of the local loss is the single-process loss on the global batch.
+gradient, compute the new running averages H, derive the gate weights from them, slice the weights to this
+rank's rows and evaluate two per-sample weighted symmetric InfoNCE losses, local rows against the gathered
+columns. The mean over ranks of the local loss is the single-process loss on the global batch.
+
+H (buffers, so they are checkpointed) is not written by ``forward``: the new values are staged there and
+applied by ``after_step(finite)``, which the trainer calls once per optimizer step. So under exact gradient
+accumulation (``forward`` runs once per chunk, each time on the whole batch's features) H moves once per step
+on the whole batch, and a step that the NaN guard skips leaves H unchanged.
 
 Tensor-name legend:
     B: per-rank batch, W: world size, N = W*B: global batch, D: embedding dim, K = 3 (image, text, caption).
@@ -112,6 +117,8 @@ class AlipLoss(nn.Module):
                                         requires_grad=cfg.learn_temperature)
         for name in ("h_tc", "h_xt", "h_xc"):  # method state: saved in checkpoints, restored on resume
             self.register_buffer(name, torch.tensor(float(cfg.h_init)))
+        # H's next values (tc, xt, xc), staged by forward and applied by after_step; not checkpointed.
+        self.register_buffer("h_next", torch.full((3,), float(cfg.h_init)), persistent=False)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -119,11 +126,28 @@ class AlipLoss(nn.Module):
         self.logit_scale.clamp_(max=self.max_log_scale)
 
     @torch.no_grad()
-    def _update_running(self, s_tc_N: torch.Tensor, s_xt_N: torch.Tensor, s_xc_N: torch.Tensor) -> None:
-        """H <- m H + (1 - m) mean(S) on the global batch, in place on the device (no host sync)."""
+    def _stage_running(self, s_tc_N: torch.Tensor, s_xt_N: torch.Tensor,
+                       s_xc_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage ``H <- m H + (1 - m) mean(S)`` on the global batch in ``h_next``; the new (tc, xt, xc).
+
+        On the device, no host sync; the buffers H change only in :meth:`after_step`.
+        """
         m = self.cfg.momentum
-        for h, s_N in ((self.h_tc, s_tc_N), (self.h_xt, s_xt_N), (self.h_xc, s_xc_N)):
-            h.mul_(m).add_(s_N.mean().to(h.dtype), alpha=1.0 - m)
+        new = [torch.add(h * m, s_N.mean().to(h.dtype), alpha=1.0 - m)
+               for h, s_N in ((self.h_tc, s_tc_N), (self.h_xt, s_xt_N), (self.h_xc, s_xc_N))]
+        self.h_next.copy_(torch.stack(new))
+        return new[0], new[1], new[2]
+
+    @torch.no_grad()
+    def after_step(self, finite: torch.Tensor) -> None:
+        """Apply the staged H once per optimizer step; keep H where ``finite`` (0-dim bool) is False.
+
+        ``torch.where`` on the device: no host sync. A second call without a ``forward`` in between changes
+        nothing (the stage is reset to H).
+        """
+        for i, h in enumerate((self.h_tc, self.h_xt, self.h_xc)):
+            h.copy_(torch.where(finite.to(h.device), self.h_next[i].to(h.dtype), h))
+            self.h_next[i] = h
 
     def forward(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> LossOutput:
         x_BD, t_BD, c_BD = (features[k] for k in ("image_features", "text_features", "caption_features"))
@@ -139,8 +163,8 @@ class AlipLoss(nn.Module):
             xd_ND, td_ND, cd_ND = all_NKD.detach().unbind(1)
             s_tc_N, s_xt_N, s_xc_N = (row_similarity(td_ND, cd_ND), row_similarity(xd_ND, td_ND),
                                       row_similarity(xd_ND, cd_ND))
-            self._update_running(s_tc_N, s_xt_N, s_xc_N)  # updated first, then used (as the code does)
-            ws_N, wt_N, wc_N = gate_weights(s_tc_N, s_xt_N, s_xc_N, self.h_tc, self.h_xt, self.h_xc,
+            h_tc, h_xt, h_xc = self._stage_running(s_tc_N, s_xt_N, s_xc_N)  # new H first, then used (as the code)
+            ws_N, wt_N, wc_N = gate_weights(s_tc_N, s_xt_N, s_xc_N, h_tc, h_xt, h_xc,
                                             gamma_s=self.cfg.gamma_s, gamma_p=self.cfg.gamma_p)
             one = torch.ones_like(ws_N)
             ws_N = ws_N if self.cfg.use_ws else one
@@ -155,7 +179,7 @@ class AlipLoss(nn.Module):
         loss_xc = weighted_clip_loss(x_BD, c_BD, all_x_ND, all_c_ND, scale, w_xc_N[rows])
         parts = {
             "loss_xt": loss_xt.detach(), "loss_xc": loss_xc.detach(), "logit_scale": scale.detach(),
-            "H_tc": self.h_tc.clone(), "H_xt": self.h_xt.clone(), "H_xc": self.h_xc.clone(),
+            "H_tc": h_tc, "H_xt": h_xt, "H_xc": h_xc,  # the values this step uses (applied after it)
             "S_tc_mean": s_tc_N.mean(), "S_xt_mean": s_xt_N.mean(), "S_xc_mean": s_xc_N.mean(),
             "gate_ws_mean": ws_N.mean(), "gate_wt_mean": wt_N.mean(), "gate_wc_mean": wc_N.mean(),
             "gate_low_frac": (ws_N < 1).float().mean(),

@@ -91,6 +91,7 @@ def main() -> None:
             model.zero_grad()
             loss = net(xi[rows], xt[rows], xc[rows], noisy[rows])
             loss.backward()
+            model.loss.after_step(torch.tensor(True))  # what the trainer calls after the optimizer step
             if not ddp:
                 for p in model.parameters():
                     all_reduce_sum(p.grad).div_(world)

@@ -50,6 +50,8 @@ METHOD = MethodSpec(
     build_loss=build_loss,
     build_adapter=build_adapter,
     visualize=visualize,
+    # The loss couples the batch's samples: with train.accum_steps > 1 one step gives the whole batch's gradient.
+    exact_accumulation=True,
     description="DreamLIP: long-caption sub-caption sampling, multi-positive contrastive and sub-caption "
     "grouping losses",
 )

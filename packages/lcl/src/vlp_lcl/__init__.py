@@ -43,6 +43,9 @@ METHOD = MethodSpec(
     build_model=build_model,
     build_loss=build_loss,
     build_adapter=build_adapter,
+    # Per-image features concatenate and the generation loss is a 0-dim sum with a 0-dim token count, both
+    # added over chunks: the loss then normalises by the whole step's pairs and tokens (vlp_lcl.loss).
+    exact_accumulation=True,
     description="LCL: a ViT trained through a causal LM on interleaved image-text data "
     "(contrastive image-vs-preceding-context plus generation of the following text)",
 )

@@ -16,11 +16,13 @@ it. Ids the tokenizer produces for special-token strings inside raw text (``[EOT
 are dropped, and the image-span ids can never come from text (they lie outside the tokenizer's vocabulary),
 so raw text cannot shift an image splice.
 
-``collate`` returns (legend: B rows, L longest row, N images of the batch in span order, T target tokens)
-``images`` uint8 [N,3,S,S], ``tokens`` [B,L], ``labels`` [B,L] (next-token targets, -100 for image, <eoi>
-and pad targets), ``soi_index`` [N] (flat position b*L+t of each <soi>), ``has_context`` [N] bool,
-``gen_index`` [T] and ``gen_target`` [T] (flat positions with a target, and the targets). Index tensors are
-built here on the host so the training step never synchronises to find them.
+``collate`` returns a batch whose every field is row-major (legend: B rows, L longest row, M most images
+in a row): ``images`` uint8 [B,M,3,S,S] (row b's images first, zero padding after them), ``tokens`` [B,L],
+``labels`` [B,L] (next-token targets, -100 for image, <eoi> and pad targets), ``has_context`` [B,M] bool
+(False on padding), and two host lists of B lists: ``soi_pos`` (row positions of each image's <soi>, in span
+order) and ``gen_pos`` (row positions with a target). So any row slice of a batch is a batch (the core's
+accumulation chunks, :func:`vlp_core.train.accumulate.split_batch`), and the model builds its flat indices
+from the host lists: the training step never synchronises to find them.
 """
 
 from __future__ import annotations
@@ -212,9 +214,14 @@ class LclAdapter:
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         ids_sp = self.ids
         L = max(len(s["ids"]) for s in samples)
+        M = max(len(s["images"]) for s in samples)
         B = len(samples)
         tokens = torch.full((B, L), ids_sp.pad, dtype=torch.long)
         labels = torch.full((B, L), IGNORE, dtype=torch.long)
+        images = torch.zeros((B, M, *samples[0]["images"][0].shape), dtype=samples[0]["images"][0].dtype)
+        has_context = torch.zeros((B, M), dtype=torch.bool)
+        soi_pos: list[list[int]] = []
+        gen_pos: list[list[int]] = []
         for b, s in enumerate(samples):
             row = torch.tensor(s["ids"], dtype=torch.long)
             n = row.numel()
@@ -222,15 +229,14 @@ class LclAdapter:
             nxt = row[1:]
             keep = (nxt != ids_sp.img) & (nxt != ids_sp.eoi)
             labels[b, : n - 1] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE))
-        images = [im for s in samples for im in s["images"]]
-        has_context = torch.tensor([h for s in samples for h in s["has_context"]], dtype=torch.bool)
-        flat = tokens.flatten()
-        soi_index = (flat == ids_sp.soi).nonzero().flatten()
-        if soi_index.numel() != len(images) or int((flat == ids_sp.img).sum()) != len(images) * self.P:
-            raise RuntimeError(  # an internal invariant: assemble() writes whole spans only
-                f"image spans ({soi_index.numel()}) and images ({len(images)}) of the batch disagree")
-        gen_index = (labels.flatten() != IGNORE).nonzero().flatten()
-        return {
-            "images": torch.stack(images), "tokens": tokens, "labels": labels, "soi_index": soi_index,
-            "has_context": has_context, "gen_index": gen_index, "gen_target": labels.flatten()[gen_index],
-        }
+            k = len(s["images"])
+            if k:
+                images[b, :k] = torch.stack(s["images"])
+                has_context[b, :k] = torch.tensor(s["has_context"], dtype=torch.bool)
+            soi_pos.append((row == ids_sp.soi).nonzero().flatten().tolist())
+            gen_pos.append((labels[b] != IGNORE).nonzero().flatten().tolist())
+            if len(soi_pos[-1]) != k or int((row == ids_sp.img).sum()) != k * self.P:
+                raise RuntimeError(  # an internal invariant: assemble() writes whole spans only
+                    f"image spans ({len(soi_pos[-1])}) and images ({k}) of a row disagree")
+        return {"images": images, "tokens": tokens, "labels": labels, "has_context": has_context,
+                "soi_pos": soi_pos, "gen_pos": gen_pos}

@@ -19,6 +19,11 @@ Shape legend:
 Both are divided by their *global* counts (one all-reduce of four scalars), and multiplied by W: DDP averages
 gradients over ranks, so the effective objective is the single-process loss on the global batch (the sum of
 the per-rank losses over W). The logged parts are the global values.
+
+Exact accumulation (:mod:`vlp_core.train.accumulate`): the model's per-image features are batch-first and its
+``gen_nll_sum`` and ``gen_tokens`` are 0-dim per-batch sums, so the chunks' features merge into the rank
+batch's; this loss, run once per chunk on them, then sees the whole step's pairs (the capacity included) and
+tokens, and the generation part is normalised by the whole step's token count.
 """
 
 from __future__ import annotations
@@ -115,8 +120,8 @@ class LclLoss(nn.Module):
         con_sum, n_pairs = contrastive_sum(features["image_latent"], features["context"], features["has_context"],
                                            log_scale)
         gen_sum = features["gen_nll_sum"]
-        local = torch.stack([n_pairs, torch.tensor(float(features["gen_tokens"]), device=n_pairs.device,
-                                                   dtype=n_pairs.dtype),
+        tokens_local = torch.as_tensor(features["gen_tokens"], dtype=n_pairs.dtype, device=n_pairs.device)
+        local = torch.stack([n_pairs, tokens_local.reshape(()),
                              con_sum.detach(), gen_sum.detach().to(n_pairs.dtype)])
         totals = all_reduce_sum(local.clone())
         world = get_world_size()

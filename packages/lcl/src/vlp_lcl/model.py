@@ -1,9 +1,9 @@
 """The LCL model: ViT -> attentive pooling/projection -> causal LM with the image tokens spliced in.
 
 Shape legend:
-    N: images of the batch (in span order), P: patch tokens per image, Dv: ViT width, D: LM width (= the
-    pooling output and the embedding width), B: sequences, L: sequence length, V: vocabulary (tokenizer
-    + 3 image-span tokens), T: generation targets of the batch.
+    N: images of the batch (in span order), M: most images in a row, P: patch tokens per image, Dv: ViT
+    width, D: LM width (= the pooling output and the embedding width), B: sequences, L: sequence length,
+    V: vocabulary (tokenizer + 3 image-span tokens), T: generation targets of the batch.
 
 The image latent (attention-pooled) and the per-patch LM input tokens share the value and output
 projections, so the latent is a per-head attention-weighted mixture of the tokens the LM reads.
@@ -23,7 +23,8 @@ from vlp_core.models.text import CausalTextTransformer, build_text_tower
 from vlp_core.models.vit import build_vision_tower
 from vlp_lcl.data import SpecialIds
 
-__all__ = ["AttentivePoolingProjection", "CoreCausalLM", "HFCausalLM", "LclModel", "chunked_nll_sum"]
+__all__ = ["AttentivePoolingProjection", "CoreCausalLM", "HFCausalLM", "LclModel", "chunked_nll_sum",
+           "flat_indices"]
 
 
 class AttentivePoolingProjection(nn.Module):
@@ -152,6 +153,21 @@ def chunked_nll_sum(head: nn.Module, hidden_TD: Tensor, target_T: Tensor, chunk:
     return total
 
 
+def flat_indices(soi_pos: list[list[int]], gen_pos: list[list[int]], *, images_per_row: int, row_length: int,
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat indices of the images (rows of [B*M]), the <soi> positions and the targets (rows of [B*L]).
+
+    Row b holds ``len(soi_pos[b])`` images (its first ones of M) and targets at ``gen_pos[b]``. Built on the
+    host from the batch's lists: one host-to-device copy each, no synchronisation.
+    """
+    image_N = [b * images_per_row + m for b, row in enumerate(soi_pos) for m in range(len(row))]
+    soi_N = [b * row_length + t for b, row in enumerate(soi_pos) for t in row]
+    gen_T = [b * row_length + t for b, row in enumerate(gen_pos) for t in row]
+    image_N_, soi_N_, gen_T_ = (torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
+                                for x in (image_N, soi_N, gen_T))
+    return image_N_, soi_N_, gen_T_
+
+
 class LclModel(nn.Module):
     """``forward(batch)`` returns the contrastive pair features and the summed generation loss; see module doc.
 
@@ -226,15 +242,23 @@ class LclModel(nn.Module):
     # -- training ------------------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        ids_BL = batch["tokens"]
-        latent_ND, tokens_NPD = self.encode_patches(batch["images"])
+        """Features of a row-major batch (see :mod:`vlp_lcl.data`): per image ``image_latent`` [N, D],
+        ``context`` [N, D] and ``has_context`` [N]; per batch the 0-dim sums ``gen_nll_sum`` and ``gen_tokens``.
+
+        Batch-first features and 0-dim per-batch sums: the features of row slices merge into the whole batch's
+        (concatenated / added), as exact accumulation needs (:mod:`vlp_core.train.accumulate`).
+        """
+        ids_BL, images_BM = batch["tokens"], batch["images"]
+        image_N, soi_N, gen_T = flat_indices(batch["soi_pos"], batch["gen_pos"], images_per_row=images_BM.shape[1],
+                                             row_length=ids_BL.shape[1], device=ids_BL.device)
+        latent_ND, tokens_NPD = self.encode_patches(images_BM.flatten(0, 1)[image_N])
         hidden_BLD = self.lm.hidden(self.interleave(ids_BL, tokens_NPD))
         hidden_flat = hidden_BLD.flatten(0, 1)
-        context_ND = self.context_features(hidden_flat[batch["soi_index"]])
-        nll = chunked_nll_sum(self.lm_head, hidden_flat[batch["gen_index"]], batch["gen_target"], self.gen_chunk)
+        context_ND = self.context_features(hidden_flat[soi_N])
+        nll = chunked_nll_sum(self.lm_head, hidden_flat[gen_T], batch["labels"].flatten()[gen_T], self.gen_chunk)
         return {
-            "image_latent": latent_ND, "context": context_ND, "has_context": batch["has_context"],
-            "gen_nll_sum": nll, "gen_tokens": batch["gen_target"].shape[0],
+            "image_latent": latent_ND, "context": context_ND, "has_context": batch["has_context"].flatten()[image_N],
+            "gen_nll_sum": nll, "gen_tokens": torch.tensor(float(gen_T.shape[0]), dtype=nll.dtype, device=nll.device),
         }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -55,5 +55,8 @@ METHOD = MethodSpec(
     build_loss=build_loss,
     build_adapter=build_adapter,
     build_scorer=build_scorer,
+    # Every feature is batch-first (image keys/values, text query/target, or the factorised variants' two
+    # embeddings) and the loss divides by the merged rank batch: exact accumulation gives the whole batch.
+    exact_accumulation=True,
     description="Llip: K mixture tokens pooled by each caption's query, with a pairwise sigmoid loss",
 )

@@ -180,6 +180,7 @@ METHOD = MethodSpec(
     build_model=build_model,
     build_loss=build_loss,
     build_adapter=build_adapter,
+    exact_accumulation=True,  # InfoNCE over the merged image/adapter features of the whole rank batch
     description="LLM2CLIP stage 2: vision tower + adapter trained against frozen text-model embeddings",
 )
 
@@ -190,6 +191,9 @@ LLM_METHOD = MethodSpec(
     build_model=build_llm_model,
     build_loss=build_llm_loss,
     build_adapter=build_llm_adapter,
+    # SimCSE: q/p/n features merged over the chunks, dropout replayed per chunk; MNTP: per-chunk 0-dim sums
+    # (cross-entropy and selected-token count) added, so the loss is normalised over the whole step's tokens.
+    exact_accumulation=True,
     default_preset="llm_demo",
     description="LLM2CLIP stage 1: caption-contrastive (supervised SimCSE) LoRA fine-tuning of a text model",
 )

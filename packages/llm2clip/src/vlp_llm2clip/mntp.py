@@ -5,6 +5,11 @@ A fraction ``p`` of the content tokens (not BOS/EOT/padding) is selected; of tho
 stay. The logit at position t-1 predicts the original token t (the causal LM head, shifted labels):
 ``L = -mean_{t in M} log softmax(W h_{t-1})[x_t]`` over this rank's selected tokens.
 
+Exact accumulation (``train.accum_steps`` > 1): the model returns this rank's per-batch sums, the
+cross-entropy summed over the selected tokens and their count, as 0-dim tensors; the core adds them over the
+chunks, so the loss is normalised over the whole step's selected tokens (as with one batch), not per chunk,
+and only two numbers per chunk are cached (no M x V logits).
+
 Memory: rows are cut to the batch's longest (not padded to the context length); the LM head runs only on the
 hidden states that predict a selected token (M x V logits, about ``p`` of B x L x V); the text model's weights
 are in ``loss.llm_dtype``; ``train.grad_checkpointing`` checkpoints every decoder layer.
@@ -86,8 +91,9 @@ class MntpAdapter:
 class MntpModel(nn.Module):
     """A causal-LM (``AutoModelForCausalLM``) whose inner model runs bidirectionally; LoRA optional.
 
-    ``forward`` returns ``{"logits": [M, V] float32, "labels": [M]}``: only the positions that predict a
-    selected token go through the LM head.
+    ``forward`` returns ``{"nll_sum", "selected"}``: 0-dim sums over the batch (the float32 cross-entropy
+    of the selected tokens and their count), from :meth:`selected_logits`, where only the positions that
+    predict a selected token go through the LM head.
     """
 
     def __init__(self, cfg: Any, *, from_config: bool = False, dtype: torch.dtype = torch.float32) -> None:
@@ -122,7 +128,8 @@ class MntpModel(nn.Module):
     def causal_lm(self) -> nn.Module:
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def selected_logits(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"logits": [M, V] float32, "labels": [M]}`` at the positions that predict a selected token."""
         lm = self.causal_lm()
         hidden_BLD = hidden_states(lm.model, batch["tokens"], batch["attention"], bidirectional=True)
         labels_BL = batch["labels"][:, 1:]  # position t-1 predicts token t
@@ -130,17 +137,27 @@ class MntpModel(nn.Module):
         hidden_MD = hidden_BLD[:, :-1][selected_BL]
         return {"logits": lm.lm_head(hidden_MD).float(), "labels": labels_BL[selected_BL]}
 
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.selected_logits(batch)
+        return {"nll_sum": F.cross_entropy(out["logits"], out["labels"], reduction="sum"),
+                "selected": torch.tensor(float(out["labels"].numel()), device=out["labels"].device)}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint every decoder layer (``train.grad_checkpointing``), non-reentrant."""
         set_layer_checkpointing(self.lm, enable)
 
 
 class MntpLoss(nn.Module):
-    """Mean cross-entropy over the selected positions (``logits`` [M, V] or [B, L, V] with ``IGNORE`` labels)."""
+    """Mean cross-entropy over the selected positions: ``nll_sum / selected`` (the model's sums), or from
+    ``logits`` [M, V] or [B, L, V] with ``IGNORE`` labels."""
 
     def forward(self, features: dict[str, Any], batch: dict[str, Any]) -> LossOutput:
-        logits, labels = features["logits"], features["labels"]
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                                reduction="sum")
-        loss = total / (labels != IGNORE).sum().clamp(min=1)  # no NaN for a batch without selected tokens
+        if "nll_sum" in features:
+            total, count = features["nll_sum"], features["selected"]
+        else:
+            logits, labels = features["logits"], features["labels"]
+            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                                    reduction="sum")
+            count = (labels != IGNORE).sum()
+        loss = total / count.clamp(min=1)  # no NaN for a batch without selected tokens
         return LossOutput(loss, {"loss_mntp": loss.detach()})

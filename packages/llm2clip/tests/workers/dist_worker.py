@@ -2,10 +2,11 @@
 
 Every rank builds the same seeded model (``build_stage``), takes rows ``[rank*B, (rank+1)*B)`` of the same
 global batch (``global_batch``), runs the step through DDP (or the core's FSDP2 for ``<stage>_fsdp`` jobs)
-and rank 0 saves the mean loss over ranks and the averaged (for FSDP: gathered) gradients. The pytest side
+and rank 0 saves the mean loss over ranks and the averaged (for FSDP: gathered) gradients. ``<stage>_accum``
+jobs run each rank's rows as ``CHUNKS`` chunks through the core's exact accumulation under DDP. The pytest side
 computes the same step in one process on the whole batch.
 
-Usage: dist_worker.py OUT_DIR llm=TEXT_MODEL clip=TEXT_MODEL [llm_fsdp=... clip_fsdp=...]
+Usage: dist_worker.py OUT_DIR llm=TEXT_MODEL clip=TEXT_MODEL [llm_fsdp=... clip_fsdp=... llm_accum=...]
 (writes OUT_DIR/<job>.pt)
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 N = 8  # global batch
+CHUNKS = 2  # exact accumulation chunks per rank (<stage>_accum jobs)
 TEXTS_Q = ["a red circle.", "a large blue star at the top left.", "a green cross.", "a small white hexagon.",
            "a yellow square in the center.", "a purple triangle on the right.", "a cyan star.", "an orange circle."]
 
@@ -73,16 +75,30 @@ def grads(module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _accumulated_loss(step, ddp, local: dict) -> torch.Tensor:
+    """The rank batch in ``CHUNKS`` chunks through exact accumulation under DDP (all-reduce on the last one)."""
+    import contextlib
+
+    from vlp_core.train.accumulate import accumulate_exact, split_batch
+
+    out = accumulate_exact(step, ddp, split_batch(local, CHUNKS), local, backward=lambda loss: loss.backward(),
+                           sync=lambda last: contextlib.nullcontext() if last else ddp.no_sync(),
+                           autocast=contextlib.nullcontext(), device=torch.device("cpu"))
+    return out.loss
+
+
 def main() -> None:
     from vlp_core.distributed import cleanup, init_distributed, wrap_ddp
 
     out_dir, jobs = sys.argv[1], [a.split("=", 1) for a in sys.argv[2:]]
     info = init_distributed(device="cpu")
     for job, text_model in jobs:
-        stage = job.removesuffix("_fsdp")
+        stage = job.removesuffix("_fsdp").removesuffix("_accum")
         step, batch = build_stage(stage, text_model)
         sharded = 0
-        if job.endswith("_fsdp"):
+        if job.endswith("_accum"):
+            loss = _accumulated_loss(step, wrap_ddp(step, info), shard(batch, info.rank, info.world_size))
+        elif job.endswith("_fsdp"):
             from torch.distributed.fsdp import FSDPModule
 
             from vlp_core.train.parallel import apply_parallel, sync_replicated_grads
@@ -91,8 +107,9 @@ def main() -> None:
             sharded = sum(isinstance(m, FSDPModule) for m in step.modules())
         else:
             run = wrap_ddp(step, info)
-        loss = run(shard(batch, info.rank, info.world_size)).loss
-        loss.backward()
+        if not job.endswith("_accum"):
+            loss = run(shard(batch, info.rank, info.world_size)).loss
+            loss.backward()
         if job.endswith("_fsdp"):
             sync_replicated_grads(step)
         mean = loss.detach().clone()

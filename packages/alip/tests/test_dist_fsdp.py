@@ -1,0 +1,14 @@
+"""ALIP under FSDP2 and HSDP == DDP == one process: parameters after 3 trainer steps (2 gloo
+ranks, CPU), with ALIP's gates and running averages H."""
+
+from pathlib import Path
+
+import pytest
+
+from vlp_core.testing.parallel import check_parallel_equivalence
+
+pytestmark = pytest.mark.dist
+
+
+def test_fsdp_hsdp_ddp_match_one_process(noisy_world: Path, tmp_path: Path) -> None:
+    check_parallel_equivalence(noisy_world, tmp_path, "vlp_alip")
