@@ -185,9 +185,9 @@ def _read_for_eval(method: MethodSpec, checkpoint: str) -> tuple[RunConfig, dict
         from_dict(cfg, saved["config"])
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return cfg, saved["model"], int(saved["step"]), run_dir
-    from vlp_core.train.init_from import read_converted
+    from vlp_core.convert import read_checkpoint
 
-    converted = read_converted(str(path))
+    converted = read_checkpoint(str(path))
     from vlp_core.convert.build import is_image_only
 
     if is_image_only(converted.state_dict):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from vlp_core.config import RunConfig, to_dict
 from vlp_core.convert.registry import key_problems, listing, shape_mismatches
 
-__all__ = ["init_from", "read_converted", "load_towers"]
+__all__ = ["init_from", "load_towers"]
 
 log = logging.getLogger("vlp")
 
@@ -40,13 +40,6 @@ _MUST_MATCH = {
     "model.visual.": ("vision", ("act", "pre_norm", "norm_eps", "timm_name", "image_size")),
     "model.text.": ("text", ("kind", "act", "norm_eps", "causal", "mask_pads", "pool")),
 }
-
-
-def read_converted(path: str, arch: str | None = None):
-    """Any checkpoint ``vlp-convert`` reads, as a checked :class:`~vlp_core.convert.registry.Converted`."""
-    from vlp_core.convert import read_checkpoint
-
-    return read_checkpoint(path, arch)
 
 
 def _check_settings(prefix: str, run_cfg: RunConfig, saved_cfg: Mapping[str, Any] | None, where: str) -> None:
@@ -123,7 +116,9 @@ def init_from(target: nn.Module, path: str, run_cfg: RunConfig) -> dict[str, lis
     """Read ``path`` (any layout ``vlp-convert`` knows) and load its towers into ``target`` (a TrainStep)."""
     if not Path(path).expanduser().exists():
         raise ValueError(f"--init-from: {path} does not exist")
-    converted = read_converted(str(Path(path).expanduser()))
+    from vlp_core.convert import read_checkpoint
+
+    converted = read_checkpoint(str(Path(path).expanduser()))
     saved_cfg = to_dict(converted.config) if converted.config is not None else None
     where = f"{path} (layout {converted.layout})"
     towers = tuple(t.strip() for t in run_cfg.train.init_towers.split(",") if t.strip())

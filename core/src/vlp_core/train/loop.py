@@ -32,7 +32,7 @@ from vlp_core.data.wds import BatchMeta, WdsPipeline, build_train_loader, parse_
 from vlp_core.distributed import DistInfo, all_gather_object, barrier, init_distributed, is_main
 from vlp_core.logging.writer import RunWriter, caption_grid
 from vlp_core.method import MethodSpec
-from vlp_core.train.accumulate import accumulate_exact, split_batch
+from vlp_core.train.accumulate import accumulate_exact, merge_features, split_batch
 from vlp_core.train.checkpoint import CheckpointManager, is_dcp_checkpoint, rng_state, set_rng_state
 from vlp_core.train.optim import build_optimizer, build_scheduler
 from vlp_core.train.parallel import (
@@ -69,8 +69,6 @@ class TrainStep(nn.Module):
         if features_only:
             return features
         if cached is not None:
-            from vlp_core.train.accumulate import merge_features
-
             features = merge_features([*cached[:index], features, *cached[index + 1:]])
             batch = full_batch if full_batch is not None else batch
         return self.loss(features, batch)
