@@ -17,7 +17,7 @@ from pathlib import Path
 import nox
 
 nox.needs_version = ">=2024.3.2"
-nox.options.sessions = ["lint", "tests", "distributed", "build"]
+nox.options.sessions = ["lint", "tests", "distributed", "faults", "build"]
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).parent
@@ -87,13 +87,19 @@ def _pytest(session: nox.Session, marker: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit tests of every package (core and packages/*), single process."""
-    _pytest(session, "not dist and not gpu")
+    _pytest(session, "not dist and not gpu and not faults")
 
 
 @nox.session
 def distributed(session: nox.Session) -> None:
     """Tests that launch torchrun with 2 processes on gloo and compare with 1 process."""
-    _pytest(session, "dist")
+    _pytest(session, "dist and not faults")
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault-injection suite: signals, damaged checkpoints, dead ranks, full disks, hostile files, bad data."""
+    _pytest(session, "faults")
 
 
 @nox.session

@@ -139,6 +139,11 @@ class DataConfig:
     augment: bool = False
     # Paper presets: an empty train_data is an error (it would otherwise mean the shapes-world demo).
     require_train_data: bool = False
+    # Images whose header declares more pixels than this are skipped unread (counted as bad_image), as are
+    # PIL's decompression bombs; 0 = PIL's own limit only.
+    max_image_pixels: int = 89_478_485
+    # A source stops the run once this many of its shard opens fail in a row (missing, corrupt, failing pipe).
+    max_shard_failures: int = 50
 
 
 @dataclass(kw_only=True)
@@ -184,6 +189,12 @@ class TrainConfig:
     # every rank writes its shards into (resharded on resume); "auto": dcp under fsdp/hsdp, else file.
     checkpoint_format: Literal["auto", "file", "dcp"] = "auto"
     async_save: bool = False  # dcp only: write in a background thread, finalised before the next save
+    # Collective timeout of the process group: a rank that waits this long on a dead peer stops with a message.
+    dist_timeout_s: float = 600.0
+    # A checkpoint write that fails (disk full...): "stop" every rank with one message, or "warn" and go on.
+    on_save_error: Literal["stop", "warn"] = "stop"
+    # A resume whose data settings differ from the checkpoint's: warn (false) or stop (true).
+    strict_resume: bool = False
 
 
 @dataclass(kw_only=True)
