@@ -76,9 +76,9 @@ def lint(session: nox.Session) -> None:
 TEST_ONLY = ["open_clip_torch>=2.24"]
 
 
-def _pytest(session: nox.Session, marker: str) -> None:
+def _pytest(session: nox.Session, marker: str, *extras: str) -> None:
     _link_torch(session)
-    _install_packages(session)
+    _install_packages(session, *extras)
     session.install("-c", str(CONSTRAINTS), *TEST_ONLY)
     paths = [str(p / "tests") for p in PACKAGES if (p / "tests").is_dir()]
     session.run("pytest", "-m", marker, *paths, *session.posargs)
@@ -86,8 +86,8 @@ def _pytest(session: nox.Session, marker: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit tests of every package (core and packages/*), single process."""
-    _pytest(session, "not dist and not gpu and not faults")
+    """Unit tests of every package (core and packages/*), single process; vlp-bench's test needs matplotlib."""
+    _pytest(session, "not dist and not gpu and not faults", "bench")
 
 
 @nox.session

@@ -39,6 +39,10 @@ with tempfile.TemporaryDirectory() as tmp:
     sh("clip-train", "--preset", "smoke", "--set", f"data.world_dir={world}", "--output-dir", str(run),
        "--set", "train.progress=false")
     sh("clip-eval", str(run))
+    # vlp-bench from the wheel (without its plotting extra): a bench file's jobs and resolved configs
+    bench = Path(tmp) / "bench.yaml"
+    bench.write_text(f"set: {{data.world_dir: '{world}'}}\nruns: [{{name: smoke, method: clip, preset: smoke}}]\n")
+    sh("vlp-bench", str(bench), "--out", str(Path(tmp) / "bench"), "--dry-run")
     # The converter and the assets shipped as package data (CLIP BPE vocabulary, ImageNet names/templates).
     sh("vlp-convert", str(run), str(Path(tmp) / "run.safetensors"))
     sh("clip-eval", str(Path(tmp) / "run.safetensors"), "--set", f"data.world_dir={world}")

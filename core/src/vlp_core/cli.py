@@ -10,11 +10,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from vlp_core.config import RunConfig, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from vlp_core.method import MethodSpec
 
-__all__ = ["train_main", "eval_main", "build_config", "train_parser"]
+__all__ = ["train_main", "eval_main", "build_config", "train_parser", "EXIT_ERROR", "EXIT_PEER_LOST"]
 
 log = logging.getLogger("vlp")
 
@@ -84,6 +85,30 @@ def build_config(method: MethodSpec, args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+# Exit statuses of <m>-train (README, "Faults and recovery"); EXIT_PREEMPTED (75) is vlp_core.train.loop's.
+EXIT_ERROR = 2  # a one-line error: config, data, checkpoint, a failed checkpoint write, non-finite loss
+EXIT_PEER_LOST = 3  # a collective failed: another rank died or did not answer within train.dist_timeout_s
+
+
+def _report(prog: str, error: BaseException) -> None:
+    """``<prog>: error: <one line>`` on stderr; an error every rank raised alike (SharedError) on rank 0 only."""
+    from vlp_core.distributed.utils import SharedError, get_rank
+
+    if not isinstance(error, SharedError) or get_rank() == 0:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Leave at once, without tearing the process group down: with a peer gone that can block (NCCL) or
+    abort. Logs and streams are flushed first; DataLoader workers exit when they see their parent gone."""
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _cleanup(ok: bool) -> None:
     import contextlib
 
@@ -107,19 +132,37 @@ def train_main(method: MethodSpec, argv: list[str] | None = None) -> int:
             doc = (fn.__doc__ or "").strip().splitlines()
             print(f"{name:20s} {doc[0] if doc else ''}")
         return 0
+    prog = f"{method.name}-train"
     try:
         cfg = build_config(method, args)
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
-            return 0
-        _setup_logging(args.verbose)
-        from vlp_core.train.loop import run
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    _setup_logging(args.verbose)
+    from vlp_core.distributed.utils import PeerLostError, SharedError, is_collective_failure, is_initialized, peer_lost
+    from vlp_core.train.loop import EXIT_PREEMPTED, Preempted, run
 
+    try:
         results = run(cfg, method)
+    except Preempted:  # the checkpoint is written; the loop logged it
+        _cleanup(True)
+        return EXIT_PREEMPTED
+    except SharedError as e:  # every rank stopped at the same point: a clean teardown
+        _report(prog, e)
+        _cleanup(True)
+        return EXIT_ERROR
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"{method.name}-train: error: {e}", file=sys.stderr)
+        _report(prog, e)
         _cleanup(False)
-        return 2
+        return EXIT_ERROR
+    except RuntimeError as e:
+        if not (isinstance(e, PeerLostError) or (is_initialized() and is_collective_failure(e))):
+            raise
+        _report(prog, peer_lost(e, "before the first step"))  # a PeerLostError passes through unchanged
+        _exit_now(EXIT_PEER_LOST)
     _cleanup(True)
     from vlp_core.distributed import is_main
 
@@ -148,9 +191,9 @@ def eval_main(method: MethodSpec, argv: list[str] | None = None) -> int:
         _setup_logging(args.verbose)
         results = _evaluate_checkpoint(method, args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"{method.name}-eval: error: {e}", file=sys.stderr)
+        _report(f"{method.name}-eval", e)
         _cleanup(False)
-        return 2
+        return EXIT_ERROR
     _cleanup(True)
     from vlp_core.distributed import is_main
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,12 @@ class VisionConfig:
     drop_path: float = 0.0
 
     def validate(self) -> None:
+        _require(self.image_size > 0, "model.vision.image_size", self.image_size, "> 0")
+        if not self.timm_name:  # a timm model keeps its own sizes
+            for key in ("patch_size", "width", "heads"):
+                _require(getattr(self, key) > 0, f"model.vision.{key}", getattr(self, key), "> 0")
+            _require(self.depth >= 0, "model.vision.depth", self.depth, ">= 0")
+        _require(self.extra_tokens >= 0, "model.vision.extra_tokens", self.extra_tokens, ">= 0")
         if not self.timm_name and self.image_size % self.patch_size:
             raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch {self.patch_size}")
         if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
@@ -105,6 +112,12 @@ class TextConfig:
     pretrained: str = ""
 
     def validate(self) -> None:
+        _require(self.context_length > 0, "model.text.context_length", self.context_length, "> 0")
+        _require(self.vocab_size >= 0, "model.text.vocab_size", self.vocab_size, ">= 0 (0: the tokenizer's)")
+        if self.kind == "clip":
+            for key in ("width", "heads"):
+                _require(getattr(self, key) > 0, f"model.text.{key}", getattr(self, key), "> 0")
+            _require(self.depth >= 0, "model.text.depth", self.depth, ">= 0")
         if self.kind == "hf" and not self.hf_name:
             raise ValueError("text.kind='hf' needs text.hf_name (a transformers model name or local path)")
         if self.kind == "clip" and self.width % self.heads:
@@ -223,15 +236,55 @@ class RunConfig:
     loss: Any = None
 
     def validate(self) -> None:
+        """Reject values that would crash or misbehave later (after the model is built, or steps into a run).
+
+        Each error is one line naming the key and its value (the CLIs print it without a traceback).
+        """
         self.model.vision.validate()
         self.model.text.validate()
+        _require(self.model.embed_dim > 0, "model.embed_dim", self.model.embed_dim, "> 0")
         t = self.train
         if t.batch_size <= 0 or t.steps <= 0:
             raise ValueError(f"train.batch_size ({t.batch_size}) and train.steps ({t.steps}) must be positive")
-        if t.accum_steps <= 0 or t.batch_size % t.accum_steps:
+        _require(t.accum_steps > 0, "train.accum_steps", t.accum_steps, "> 0")
+        if t.batch_size % t.accum_steps:
             raise ValueError(f"train.batch_size {t.batch_size} is not divisible by accum_steps {t.accum_steps}")
+        # Intervals: the loop takes ``step % every``; the optional ones use 0 for off.
+        _require(t.save_every > 0, "train.save_every", t.save_every, "> 0 (steps between checkpoints)")
+        _require(t.log_every > 0, "train.log_every", t.log_every, "> 0 (steps between log lines)")
+        _require(t.eval_every >= 0, "train.eval_every", t.eval_every, ">= 0 (0: evaluate at the end only)")
+        _require(t.image_grid_every >= 0, "train.image_grid_every", t.image_grid_every, ">= 0 (0: off)")
+        _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, ">= 0 (0: keep all)")
+        _require(t.nan_guard >= 0, "train.nan_guard", t.nan_guard,
+                 ">= 0 (consecutive non-finite steps skipped before stopping)")
+        _require(t.hsdp_replicate >= 0, "train.hsdp_replicate", t.hsdp_replicate, ">= 0 (0: one group per node)")
+        _require(math.isfinite(t.dist_timeout_s) and t.dist_timeout_s > 0, "train.dist_timeout_s",
+                 t.dist_timeout_s, "a finite number of seconds > 0")
+        _require(math.isfinite(t.grad_clip), "train.grad_clip", t.grad_clip, "finite (<= 0: no clipping)")
+        d = self.data
+        _require(d.workers >= 0, "data.workers", d.workers, ">= 0 (0: load in the training process)")
+        _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, ">= 0 (0 or 1: no shuffling)")
+        _require(d.max_image_pixels >= 0, "data.max_image_pixels", d.max_image_pixels, ">= 0 (0: PIL's limit only)")
+        _require(d.max_shard_failures > 0, "data.max_shard_failures", d.max_shard_failures, "> 0")
+        _require(d.world_train_samples > 0, "data.world_train_samples", d.world_train_samples, "> 0")
+        _require(0.0 <= d.world_noise <= 1.0, "data.world_noise", d.world_noise, "in [0, 1]")
+        o = self.optim
+        _require(o.lr >= 0, "optim.lr", o.lr, ">= 0")
+        _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+        _require(0.0 <= o.beta1 < 1.0, "optim.beta1", o.beta1, "in [0, 1)")
+        _require(0.0 <= o.beta2 < 1.0, "optim.beta2", o.beta2, "in [0, 1)")
+        _require(o.eps > 0, "optim.eps", o.eps, "> 0")
+        _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+        _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+        _require(self.eval.batch_size > 0, "eval.batch_size", self.eval.batch_size, "> 0")
         if hasattr(self.loss, "validate"):
             self.loss.validate()
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """One-line error naming the key and its value (NaN fails every comparison, so it is rejected too)."""
+    if not ok:
+        raise ValueError(f"{key} must be {rule}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ Contract of the parts:
   ``after_step(finite: Tensor)``: called once per optimizer step, after it, on every rank, with a 0-dim
   boolean tensor (False when the NaN guard skipped the step; read it on the device, without a host sync).
   State that forward computes from a batch is staged there and applied here, so exact accumulation (forward
-  runs once per chunk on the whole batch's features) and skipped steps update it once, or not at all.
+  runs once per chunk on the whole batch's features) and skipped steps update it once, or not at all; select
+  with ``torch.where(finite, staged, old)``, never blend (``0 * NaN`` is NaN: a NaN batch would leak in).
+  Learnable temperatures are declared with :func:`vlp_core.losses.declare_bounds` and clamped here by
+  :func:`vlp_core.losses.clamp_bounds_` (OpenCLIP's clamp of the stored scale to ``[0, ln 100]`` after each
+  step; the forward's ``torch.clamp`` alone would leave a scale pushed past the cap with zero gradient for
+  good). A loss with a learnable temperature therefore needs an ``after_step``.
 - ``exact_accumulation``: the model's features merge across chunks (batch-first tensors concatenated,
   0-dim tensors summed) and the loss then gives the whole batch's gradient; see
   :mod:`vlp_core.train.accumulate`.

@@ -17,7 +17,7 @@ from vlp_core.convert.archs import openai_clip_config
 from vlp_core.convert.build import build_train_step, run_config_from_dict
 from vlp_core.convert.registry import READERS, detect_reader
 from vlp_core.convert.vlp_format import atomic_write, save_vlp_checkpoint
-from vlp_core.train.checkpoint import CheckpointManager
+from vlp_core.train.checkpoint import CheckpointManager, rng_state
 
 load_converters()
 
@@ -88,19 +88,23 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
-def test_trainer_checkpoint_trusted_path(tmp_path: Path) -> None:
+def test_trainer_checkpoint_is_read_weights_only(tmp_path: Path) -> None:
     conv = _tiny()
     run = tmp_path / "run"
-    # What the trainer saves: numpy RNG states make it a pickle that is not weights-only.
+    # What the trainer saves (RNG states included) is weights-only: read by the one safe loader.
     saved = {"step": 7, "model": conv.state_dict, "config": to_dict(conv.config), "optimizer": {},
-             "ranks": [{"rng": {"numpy": np.random.get_state()}}]}
+             "ranks": [{"rng": rng_state()}]}
     path = CheckpointManager(run / "checkpoints").save(saved, 7)
-    with pytest.raises(ConversionError, match="not weights-only"):
-        read_source(path)  # the safe loader refuses it
+    _assert_same(read_source(path).state_dict, conv.state_dict)
     for where in (path, run):
         state_dict, config, step = load_vlp_checkpoint(where)
         _assert_same(state_dict, conv.state_dict)
         assert config == to_dict(conv.config) and step == 7
+    # A trainer-named file holding anything else (here a raw numpy array) is refused, naming it.
+    saved["ranks"] = [{"rng": {"numpy": np.random.get_state()}}]
+    bad = CheckpointManager(tmp_path / "other" / "checkpoints").save(saved, 8)
+    with pytest.raises(ConversionError, match=rf"{bad}.* is a pickle that is not weights-only"):
+        load_vlp_checkpoint(bad)
 
 
 def test_foreign_file_is_not_a_vlp_checkpoint(tmp_path: Path) -> None:

@@ -62,7 +62,10 @@ def test_fsdp_run_writes_finished_dcp_folders_and_evaluates(run_a: Path) -> None
     assert [s for s, _ in ckpts.list()] == [2, 4]
     latest = ckpts.latest()
     assert latest is not None and latest.name == "step_00000004" and is_dcp_checkpoint(latest)
-    assert json.loads((latest / COMPLETE).read_text()) == {"world_size": 2}
+    commit = json.loads((latest / COMPLETE).read_text())  # the commit record: every file with its size
+    assert commit["world_size"] == 2 and commit["step"] == 4
+    assert {"meta.pt", "ranks/rank_00000.pt", "ranks/rank_00001.pt", ".metadata"} <= set(commit["files"])
+    CheckpointManager.verify(latest)
     assert sorted(p.name for p in (latest / "ranks").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     assert len(list(latest.glob("*.distcp"))) == 2  # each rank wrote its own shards
     assert not list((run_a / "checkpoints").glob("*.tmp"))

@@ -4,7 +4,7 @@
   text tower), the units FSDP2 shards and compiles;
 - ``full_norm`` clips exactly like ``torch.nn.utils.clip_grad_norm_`` on plain tensors;
 - ``split_scalar_groups`` keeps every parameter and setting, with the 0-dim ones in groups of their own;
-- a DCP folder saved in one process (sync and async) is atomic (``.tmp`` then rename, marker last), listed
+- a DCP folder saved in one process (sync and async) is atomic (``.tmp`` then rename, commit record last), listed
   beside ``.pt`` files, pruned, read back into a fresh module and optimizer bit-identically, and gathered
   into a plain dict by ``load_full_state`` / ``CheckpointManager.load``.
 """
@@ -101,7 +101,15 @@ def test_dcp_folder_round_trip(tmp_path: Path, async_save: bool) -> None:
     ckpts.finish()
     # keep=2: the file of step 1 was pruned; the folders carry the marker; no .tmp left
     assert [(s, p.name) for s, p in ckpts.list()] == [(2, "step_00000002"), (3, "step_00000003")]
-    assert json.loads((path / COMPLETE).read_text()) == {"world_size": 1}
+    commit = json.loads((path / COMPLETE).read_text())
+    assert commit["world_size"] == 1 and commit["step"] == 3
+    # the commit record lists every file of the folder with its size (and the small ones' sha256)
+    on_disk = {f.relative_to(path).as_posix(): f.stat().st_size for f in path.rglob("*") if f.is_file()}
+    assert {k: v["size"] for k, v in commit["files"].items()} == {k: v for k, v in on_disk.items() if k != COMPLETE}
+    assert {"meta.pt", "ranks/rank_00000.pt", ".metadata"} <= set(commit["files"])
+    assert all("sha256" in commit["files"][k] for k in ("meta.pt", "ranks/rank_00000.pt", ".metadata"))
+    assert not any("sha256" in v for k, v in commit["files"].items() if k.endswith(".distcp"))
+    CheckpointManager.verify(path)
     assert not list(ckpts.folder.glob("*.tmp")) and is_trainer_checkpoint(path)
     assert ckpts.resolve("latest") == path and ckpts.resolve(str(path)) == path
     assert ckpts.resolve(str(tmp_path / "checkpoints")) == path
@@ -131,5 +139,6 @@ def test_unfinished_and_foreign_folders_are_refused(tmp_path: Path) -> None:
     assert ckpts.list() == [] and ckpts.latest() is None
     with pytest.raises(ValueError, match="unfinished DCP checkpoint"):
         load_full_state(tmp_path / "step_00000006")
-    with pytest.raises(ValueError, match="checkpoint not found"):
+    with pytest.raises(ValueError, match=r"cannot resume from .*step_00000006: no commit record \(COMPLETE\)"):
         ckpts.resolve(str(tmp_path / "step_00000006"))
+    assert ckpts.resolve("latest") is None  # nothing committed: a fresh start

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlp_core.clip.config import ClipConfig
 from vlp_core.clip.presets import PRESETS
 from vlp_core.config import RunConfig
 from vlp_core.data.adapters import ImageTextAdapter
-from vlp_core.losses import ClipLoss, SigLipLoss
+from vlp_core.losses import ClipLoss, SigLipLoss, clamp_bounds_
 from vlp_core.method import LossOutput, MethodSpec
 from vlp_core.models.dual import DualEncoder
 
@@ -31,6 +32,10 @@ class ContrastiveObjective(nn.Module):
 
     def forward(self, features: dict[str, Any], batch: dict[str, Any]) -> LossOutput:
         return self.loss(features["image_features"], features["text_features"])
+
+    def after_step(self, finite: torch.Tensor) -> None:
+        """After each optimizer step: the stored logit scale back into ``[0, ln max_logit_scale]``."""
+        clamp_bounds_(self)
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> nn.Module:

@@ -16,6 +16,7 @@ class ClipConfig:
     siglip_init_logit_scale: float = math.log(10.0)
     siglip_init_bias: float = -10.0
     learn_temperature: bool = True
+    # exp(logit_scale) is capped in the forward pass, and the stored scale clamped to [0, ln max] after each step.
     max_logit_scale: float = 100.0
     # Where captions come from, comma-separated: a member ("txt") or a json field ("json.clean").
     caption_keys: str = "txt"
@@ -23,3 +24,5 @@ class ClipConfig:
     def validate(self) -> None:
         if self.init_temperature <= 0:
             raise ValueError(f"loss.init_temperature must be positive, got {self.init_temperature}")
+        if not self.max_logit_scale >= 1:  # the scale is kept in [1, max_logit_scale] (vlp_core.losses.bounds)
+            raise ValueError(f"loss.max_logit_scale must be >= 1, got {self.max_logit_scale}")

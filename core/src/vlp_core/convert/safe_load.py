@@ -18,6 +18,13 @@ are stripped from every key, in any order.
 
 Anything else (text, random bytes, a zip that is no checkpoint, an empty file) is a ``ConversionError``
 (a ``ValueError``) whose one-line message names the file.
+
+:func:`load_weights_only` is vlp's one ``torch.load``: this module's ``.pt`` reader and the trainer's own
+checkpoints (:mod:`vlp_core.train.checkpoint`: the ``step_<n>.pt`` file, a DCP folder's ``meta.pt`` and
+``ranks/rank_<r>.pt``) all go through it, so no pickle vlp reads can run code. The two documented exceptions
+are OpenAI's TorchScript archives above and the ``.metadata`` pickle of a DCP checkpoint folder, which
+``torch.distributed.checkpoint`` reads itself (only from run folders the user names: ``--resume``,
+``<m>-eval RUN``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ __all__ = [
     "read_weights_file",
     "strip_wrapper_prefixes",
     "is_torchscript_archive",
+    "load_weights_only",
 ]
 
 # Looked for, in this order, inside a folder.
@@ -125,9 +133,18 @@ def _read_torchscript(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state_dict, {"format": "torchscript", "jit": True}
 
 
-def _read_pickle(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_weights_only(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors, plain containers and scalars only.
+
+    The one ``torch.load`` of vlp (see the module docstring). The weights-only unpickler refuses every global
+    outside torch's allowlist *before* calling it, so a hostile pickle's payload never runs.
+
+    Raises:
+        ConversionError: (a ``ValueError``) one line naming the file: a pickle that is not weights-only (and
+            which global it needs), or a file that is no readable PyTorch checkpoint (truncated, damaged).
+    """
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - classified below
         message = str(e)
         found = _GLOBAL.search(message)
@@ -138,7 +155,10 @@ def _read_pickle(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 "it was not loaded. Re-save its tensors (a state dict or .safetensors) where you trust it"
             ) from None
         raise ConversionError(f"{path} cannot be read as a PyTorch checkpoint ({_short(e)})") from None
-    return _unwrap(obj, path), {"format": "torch"}
+
+
+def _read_pickle(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    return _unwrap(load_weights_only(path), path), {"format": "torch"}
 
 
 def _short(e: BaseException) -> str:

@@ -7,11 +7,10 @@ A vlp checkpoint is one ``.safetensors`` file holding the trainer's ``TrainStep`
 
 It is written atomically (``<name>.tmp``, fsync, rename) and read without pickle.
 
-The trainer's own ``step_<n>.pt`` checkpoints are pickles that also hold numpy RNG states, so they cannot
-be read weights-only. They are read only through the trainer's trusted-path function
-``CheckpointManager.load`` (a full ``torch.load``), and only for files named like the trainer names them
-(``step_<n>.pt``) or a run folder: such a file runs code when loaded, exactly as ``--resume`` does, so only
-convert/evaluate trainer checkpoints you wrote yourself. Every other file goes through the safe loader.
+The trainer's own checkpoints (``step_<n>.pt`` files and ``step_<n>/`` DCP folders) are read through
+``CheckpointManager.load``: every pickle in them is loaded weights-only by the core's one safe loader, after
+the checkpoint's commit record (sizes, checksums) has been checked; a file holding anything else is refused,
+naming it. The one pickle read otherwise is DCP's own ``.metadata``, and only from a run folder you name.
 """
 
 from __future__ import annotations
@@ -114,7 +113,7 @@ def _latest_trainer_checkpoint(folder: Path) -> Path | None:
 
 
 def read_trainer_checkpoint(path: str | Path) -> Source:
-    """Read a trainer checkpoint through ``CheckpointManager.load`` (trusted path: a full pickle load).
+    """Read a trainer checkpoint through ``CheckpointManager.load`` (weights-only, commit record checked).
 
     Args:
         path: A ``step_<n>.pt`` file or a run folder (its newest checkpoint).
@@ -134,7 +133,7 @@ def read_trainer_checkpoint(path: str | Path) -> Source:
         p = found
     if not is_checkpoint(p):
         raise ConversionError(f"{p} is not a trainer checkpoint (step_<n>.pt or a finished step_<n>/ DCP folder)")
-    log.info("%s: vlp trainer checkpoint, read with the trainer's trusted loader (pickle)", p)
+    log.info("%s: vlp trainer checkpoint, read weights-only after checking its commit record", p)
     try:
         saved = load_full_state(p)
     except ValueError as e:
@@ -189,7 +188,7 @@ def load_vlp_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, 
 
     Args:
         path: A vlp ``.safetensors`` checkpoint (read without pickle), or a trainer ``step_<n>.pt`` / run
-            folder (read with the trainer's trusted ``CheckpointManager.load``: only for your own runs).
+            folder (read weights-only with ``CheckpointManager.load``).
 
     Raises:
         ConversionError: Anything else (a foreign checkpoint needs ``vlp-convert`` first).
@@ -214,7 +213,7 @@ def write_vlp(converted: Converted, out: Path) -> None:
 register_reader(Reader(
     name="vlp", priority=100, detect=_detect, read=read_vlp,
     description="vlp checkpoint (.safetensors with format=vlp metadata), or a vlp trainer step_<n>.pt / run "
-                "folder (trusted pickle: your own runs only)",
+                "folder (read weights-only)",
 ))
 register_writer(Writer(
     name="vlp", write=write_vlp,

@@ -114,10 +114,12 @@ def _load_jpeg(file: Path) -> bytes:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # skipped in training anyway
             img = Image.open(io.BytesIO(data))
             fmt = img.format
             img.load()  # full decode, so truncated files are caught here rather than in training
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise ValueError(str(e) or type(e).__name__) from None
     if fmt == "JPEG":
         return data

@@ -8,6 +8,10 @@ member header and the offset just past its last member, and both it and :func:`r
 at such an offset, so a resumed training run reads from where it stopped instead of from the shard's start.
 ``pipe:`` commands, URLs and compressed tars cannot: their offsets are ``None``. ``READS`` counts the tar
 members whose data was read (``"members"``) and the shards opened (``"opens"``) in this process.
+
+A shard fails in one of three ways, each its own exception raised after the complete samples read before it:
+a missing local file (``FileNotFoundError``), a tar stream that breaks off (:class:`CorruptShard`) and a
+``pipe:`` command or URL download that cannot start or exits with an error (:class:`BadShard`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import braceexpand
 
 __all__ = ["expand_urls", "iter_samples", "iter_positioned", "read_sample_at", "ShardWriter", "open_url",
-           "CorruptShard", "is_local", "READS"]
+           "CorruptShard", "BadShard", "is_local", "READS"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,11 @@ READS: Counter[str] = Counter()  # "members": tar members whose data was read; "
 
 class CorruptShard(Exception):
     """A shard whose tar stream broke off; raised after the samples read before the break were yielded."""
+
+
+class BadShard(Exception):
+    """A ``pipe:`` or URL shard whose command could not start or exited with an error status (a failed
+    download, a missing object, a broken command); raised after the samples read before the failure."""
 
 
 def expand_urls(pattern: str) -> list[str]:
@@ -46,11 +55,19 @@ def expand_urls(pattern: str) -> list[str]:
 
 
 def open_url(url: str):
-    """Open a local path, ``pipe:cmd`` or remote URL for binary reading."""
+    """Open a local path, ``pipe:cmd`` or remote URL for binary reading.
+
+    ``pipe:`` and URLs go through webdataset's ``gopen`` (a subprocess: the command, or ``curl``); one that
+    cannot be started raises :class:`BadShard`. A command that starts but fails is reported when its stream
+    is closed (:func:`iter_positioned` turns that into :class:`BadShard` as well).
+    """
     if "://" in url or url.startswith("pipe:"):
         import webdataset
 
-        return webdataset.gopen(url, "rb")
+        try:
+            return webdataset.gopen(url, "rb")
+        except (OSError, ValueError) as e:  # no handler for the scheme, curl not installed...
+            raise BadShard(f"{url}: cannot open: {e}") from None
     if not os.path.exists(url):
         raise FileNotFoundError(f"shard not found: {url}")
     return open(url, "rb")
@@ -130,7 +147,9 @@ def iter_positioned(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any],
     current: dict[str, Any] | None = None
     start: int | None = None
     end: int | None = None
-    with stream:
+    broke: Exception | None = None
+    closed = False
+    try:
         try:
             with tarfile.open(fileobj=stream, mode="r|" if offset else "r|*") as tar:
                 seekable = is_local(url) and getattr(tar.fileobj, "comptype", "") == "tar"
@@ -146,9 +165,37 @@ def iter_positioned(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any],
                     current[ext] = data
                     end = offset + _member_end(member) if seekable else None
         except (tarfile.ReadError, EOFError, OSError) as e:
-            raise CorruptShard(f"{url}: {e}") from e
+            broke = e
+        # A pipe reports its command's exit status on close: a failed command is the cause of whatever the
+        # tar stream did, and its last sample is not to be trusted.
+        closed, failed = True, _close(stream)
+        if failed is None and isinstance(broke, OSError) and not is_local(url) and ": exit " in str(broke):
+            failed = _pipe_failure(broke)  # the pipe reported its exit status while being read
+        if failed is not None:
+            raise BadShard(f"{url}: {failed}") from None
+        if broke is not None:
+            raise CorruptShard(f"{url}: {broke}") from broke
+    finally:
+        if not closed:  # the reader stopped mid-shard: a pipe then dies of SIGPIPE, which is no failure
+            _close(stream)
     if current is not None:
         yield current, start, end
+
+
+def _close(stream) -> str | None:
+    """Close a shard's stream; for a ``pipe:``/URL, the failure of its command (``None`` when it succeeded)."""
+    try:
+        stream.close()
+    except OSError as e:
+        return _pipe_failure(e)
+    return None
+
+
+def _pipe_failure(e: OSError) -> str:
+    """webdataset's ``Pipe`` error (``(args, kwargs): exit N (read) ...``) as ``command ... exited with N``."""
+    text = str(e)
+    status = text.rsplit(": exit ", 1)[1].split()[0] if ": exit " in text else ""
+    return f"the command exited with status {status}" if status else f"the command failed: {text}"
 
 
 def iter_samples(url: str) -> Iterator[dict[str, Any]]:

@@ -31,6 +31,8 @@ __all__ = [
     "CLIP_STD",
     "INTERPOLATIONS",
     "ImageDecodeError",
+    "set_max_image_pixels",
+    "max_image_pixels",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,16 +49,61 @@ class ImageDecodeError(ValueError):
     pass
 
 
+# PIL's own limit at import time: what ``data.max_image_pixels=0`` restores.
+_PIL_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+_max_pixels = 0  # see set_max_image_pixels
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Skip images whose header declares more than ``limit`` pixels (``data.max_image_pixels``); 0 = PIL's
+    own ``Image.MAX_IMAGE_PIXELS`` only.
+
+    A process-wide setting because the adapters that decode are the methods' own: the training pipeline sets
+    it in every process that decodes (its data loader workers, or the trainer itself with ``workers=0``).
+    PIL's limit follows, so that a cap above PIL's default is not cut short by PIL's own bomb check, and one
+    below it is also applied on the formats that check again while loading.
+    """
+    global _max_pixels
+    _max_pixels = max(int(limit), 0)
+    Image.MAX_IMAGE_PIXELS = _max_pixels or _PIL_MAX_PIXELS
+
+
+def max_image_pixels() -> int:
+    """The pixel cap :func:`decode_image` applies (0: PIL's own limit only)."""
+    return _max_pixels
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB PIL image, raising :class:`ImageDecodeError` on anything undecodable."""
+    """Decode image bytes to an RGB PIL image, raising :class:`ImageDecodeError` on anything undecodable.
+
+    The size is checked from the header before any pixel is decoded (``Image.open`` reads only the header):
+    an image over the cap (:func:`set_max_image_pixels`) or that PIL considers a decompression bomb raises
+    ``ImageDecodeError`` without allocating its pixels, so a 20000 x 20000 PNG of a few hundred bytes costs
+    nothing. Without a cap PIL's ``DecompressionBombWarning`` is an error here: past PIL's limit nothing is
+    decoded.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if not _max_pixels:  # else PIL's limit is the cap, checked below with a clearer message
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if _max_pixels and width * height > _max_pixels:
+                raise ImageDecodeError(f"image of {width} x {height} = {width * height} pixels is over "
+                                       f"data.max_image_pixels={_max_pixels}")
             img.load()
         return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageDecodeError(str(e)) from e
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image PIL can read") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(str(e) or type(e).__name__) from e
+    except Exception as e:  # hostile files reach PIL's decoders' other errors (EOFError, struct.error...)
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
 
 
 def interpolation_mode(name: str) -> InterpolationMode:

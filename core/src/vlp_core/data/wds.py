@@ -18,8 +18,12 @@ reading those members, so it reads its shuffle buffer plus one sample before con
 had gone; the batches after resume are exactly those an uninterrupted run would have seen. Sources whose
 shards cannot seek (``pipe:``, URLs, compressed tars) instead replay their stream up to the saved count
 without decoding, as does an older position that is one integer. Decoding happens after the buffer;
-samples the method's adapter rejects (undecodable image, empty caption) and shards that break off are
-skipped and counted, and the counts travel with the batches to the trainer.
+samples the method's adapter rejects (undecodable image, an image over ``data.max_image_pixels``, empty
+caption) and shards that are missing, break off or whose ``pipe:``/URL command fails are skipped and counted
+(one reason each: ``bad_image``, ``missing_shard``, ``corrupt_shard``, ``bad_shard``...), and the counts
+travel with the batches to the trainer (:mod:`vlp_core.data.skips` sums them over ranks for the log). A source
+whose shard reads give no sample ``data.max_shard_failures`` times in a row stops the run with a
+:class:`DataError` naming it, in both modes, instead of looping without a batch.
 
 Batches from the workers are consumed round-robin by the ``DataLoader``; after ``n`` batches the next one
 comes from worker ``n % W``, so on resume the workers are relabelled by that offset (``logical id``).
@@ -40,20 +44,43 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp_core.data.tario import CorruptShard, expand_urls, iter_positioned, read_sample_at
+from vlp_core.data.tario import BadShard, CorruptShard, expand_urls, iter_positioned, read_sample_at
+from vlp_core.data.transforms import set_max_image_pixels
 from vlp_core.method import SampleAdapter, SkipSample
 
-__all__ = ["Source", "parse_sources", "WdsPipeline", "build_train_loader", "BatchMeta", "position_samples"]
+__all__ = ["Source", "parse_sources", "WdsPipeline", "build_train_loader", "BatchMeta", "position_samples",
+           "DataError"]
 
 log = logging.getLogger(__name__)
 
 _POSITION_VERSION = 2
+EXAMPLES_PER_BATCH = 5  # skip messages a consumer attaches to a batch (at most 2 of one reason)
+
+
+class DataError(ValueError):
+    """The data cannot feed the run (a source whose shards all fail, an adapter that rejects everything).
+
+    A one-line message even when raised in a data loader worker: the ``DataLoader`` re-raises a worker's
+    exception as ``type(message)`` with the worker's traceback prepended; that is cut back to the original
+    line here, so the CLI prints one line instead of a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
 class Source:
     urls: tuple[str, ...]
     weight: float = 1.0
+    pattern: str = ""  # the data.train_data pattern it came from (names the source in errors)
+
+    def describe(self, index: int) -> str:
+        what = self.pattern or (self.urls[0] + (f" and {len(self.urls) - 1} more" if len(self.urls) > 1 else ""))
+        return f"source {index} ({what!r})"
 
 
 def parse_sources(train_data: str, weights: str = "") -> list[Source]:
@@ -78,7 +105,7 @@ def parse_sources(train_data: str, weights: str = "") -> list[Source]:
             raise ValueError(f"data.train_weights: {ws[i]!r} is not a number") from None
         if weight <= 0:
             raise ValueError(f"data.train_weights: weight {weight} of source {pattern!r} must be positive")
-        sources.append(Source(urls=tuple(urls), weight=weight))
+        sources.append(Source(urls=tuple(urls), weight=weight, pattern=pattern.strip()))
     return sources
 
 
@@ -91,7 +118,7 @@ class BatchMeta:
     worker: int  # logical worker id
     raw: int | dict[str, Any]  # this consumer's data position after the batch: hand it back as ``start[worker]``
     skipped: dict[str, int]  # skip counts since the previous batch of this worker
-    examples: list[str]  # a few skip messages (file and key) for the log
+    examples: list[tuple[str, str]]  # a few (reason, message naming file and key) of those skips, for the log
     samples: int = 0  # raw samples this consumer has emitted from its shuffle buffer so far
 
 
@@ -133,6 +160,10 @@ class _SourceStream:
         self.seen = 0  # samples read this epoch (split by sample, when there are fewer shards than consumers)
         self.got = False  # whether this epoch has yielded a sample
         self.rng: dict[str, Any] | None = None  # resampled: generator state after drawing ``shard``
+        # Not part of the position (they only decide when to give up on a source):
+        self.failures = 0  # shard reads in a row that gave no sample
+        self.last_failure = ""
+        self.read_this_epoch = False  # whether a shard gave a sample this epoch (to any consumer)
 
     def state(self) -> dict[str, Any]:
         return {"yielded": self.yielded, "epoch": self.epoch, "slot": self.slot, "shard": self.shard,
@@ -143,13 +174,37 @@ class _SourceStream:
             setattr(self, name, state[name])
 
     def _read(self, shard: int, offset: int) -> Iterator[tuple[dict[str, Any], int | None, int | None]]:
+        """The shard's samples from ``offset``; a failing shard is counted and ends early.
+
+        A read that gives no sample (missing, corrupt, failing command, or empty) counts towards the source's
+        limit of failures in a row (``data.max_shard_failures``); a sample resets it. Reopening a shard at an
+        offset past its last sample gives nothing and is no failure.
+        """
         url = self.urls[shard]
+        got, reason = False, ""
         try:
-            yield from iter_positioned(url, offset)
+            for item in iter_positioned(url, offset):
+                got, self.failures, self.read_this_epoch = True, 0, True
+                yield item
         except CorruptShard as e:
-            self.owner._note("corrupt_shard", str(e))
+            reason, message = "corrupt_shard", str(e)
+        except BadShard as e:
+            reason, message = "bad_shard", str(e)
         except FileNotFoundError as e:
-            self.owner._note("missing_shard", str(e))
+            reason, message = "missing_shard", str(e)
+        if reason:
+            self.owner._note(reason, message)
+            self.last_failure = f"{reason}: {message}"
+        elif not got:
+            self.last_failure = f"{url}: no sample in the shard"
+        if got or (offset and not reason):
+            return
+        self.failures += 1
+        limit = self.owner.max_shard_failures
+        if limit > 0 and self.failures >= limit:
+            raise DataError(f"data {self.owner.sources[self.index].describe(self.index)}: {self.failures} shard "
+                            f"reads in a row gave no sample (last: {self.last_failure}); check the shards, "
+                            "or raise data.max_shard_failures")
 
     def _emit(self, sample: dict[str, Any], start: int | None, end: int | None, split: int = 1):
         """Advance the cursor past ``sample``; returns the item to yield, or ``None`` (another consumer's)."""
@@ -195,9 +250,14 @@ class _SourceStream:
                     if item is not None:
                         yield item
                 self.slot, self.offset = self.slot + 1, 0
-            if not self.got and self.epoch > 0:
-                raise RuntimeError(f"consumer {c} read no sample from source {self.index} in a whole epoch")
+            # A source whose shards all fail is stopped by _read's count; one whose shards are read but whose
+            # samples all went to other consumers (fewer samples than consumers) would loop here forever.
+            if not self.got and self.epoch > 0 and self.read_this_epoch:
+                raise DataError(f"data {self.owner.sources[self.index].describe(self.index)}: consumer {c} (of "
+                                f"{n}) read no sample of it in a whole epoch: too few samples for "
+                                "the ranks x data.workers")
             self.epoch, self.slot, self.seen, self.got = self.epoch + 1, 0, 0, False
+            self.read_this_epoch = False
 
 
 class _Consumer:
@@ -210,15 +270,16 @@ class _Consumer:
     """
 
     def __init__(self, sources: list[Source], *, seed: int, consumer: int, n_consumers: int,
-                 resampled: bool, shuffle_buffer: int) -> None:
+                 resampled: bool, shuffle_buffer: int, max_shard_failures: int = 50) -> None:
         self.sources = sources
+        self.max_shard_failures = max_shard_failures
         self.seed = seed
         self.consumer = consumer
         self.n_consumers = n_consumers
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
         self.skipped: Counter[str] = Counter()
-        self.examples: list[str] = []
+        self.examples: list[tuple[str, str]] = []
         self.raw = 0  # raw samples emitted
         self.streams = [_SourceStream(self, i) for i in range(len(sources))]
         self.pick = _rng(seed, 3, consumer)
@@ -228,8 +289,8 @@ class _Consumer:
 
     def _note(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
-        if len(self.examples) < 5:
-            self.examples.append(message)
+        if len(self.examples) < EXAMPLES_PER_BATCH and sum(r == reason for r, _ in self.examples) < 2:
+            self.examples.append((reason, message))
 
     def _identity(self) -> dict[str, Any]:
         return {"seed": self.seed, "consumer": self.consumer, "consumers": self.n_consumers,
@@ -316,7 +377,8 @@ class WdsPipeline(IterableDataset):
     def __init__(self, sources: list[Source], adapter: SampleAdapter, *, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, resampled: bool = False, shuffle_buffer: int = 1000,
                  start: dict[int, int] | None = None, worker_offset: int = 0, seed_samples: bool = False,
-                 max_consecutive_skips: int = 1000):
+                 max_consecutive_skips: int = 1000, max_image_pixels: int | None = None,
+                 max_shard_failures: int = 50):
         super().__init__()
         self.sources = sources
         self.adapter = adapter
@@ -330,14 +392,18 @@ class WdsPipeline(IterableDataset):
         self.worker_offset = worker_offset
         self.seed_samples = seed_samples
         self.max_consecutive_skips = max_consecutive_skips
+        self.max_image_pixels = max_image_pixels  # data.max_image_pixels; None: leave the process's setting
+        self.max_shard_failures = max_shard_failures
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], BatchMeta]]:
+        if self.max_image_pixels is not None:  # in the process that decodes: a worker, or this one
+            set_max_image_pixels(self.max_image_pixels)
         info = get_worker_info()
         n_workers = info.num_workers if info is not None else 1
         worker = ((info.id if info is not None else 0) + self.worker_offset) % n_workers
         consumer = _Consumer(self.sources, seed=self.seed, consumer=self.rank * n_workers + worker,
                              n_consumers=self.world_size * n_workers, resampled=self.resampled,
-                             shuffle_buffer=self.shuffle_buffer)
+                             shuffle_buffer=self.shuffle_buffer, max_shard_failures=self.max_shard_failures)
         raw = consumer.open(self.start.get(worker))
         position = consumer.raw
         reported: Counter[str] = Counter(consumer.skipped)  # skips while reopening were already counted
@@ -353,12 +419,12 @@ class WdsPipeline(IterableDataset):
                 samples.append(self.adapter(sample))
                 run_of_skips = 0
             except SkipSample as e:
-                consumer._note(e.reason, f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
+                consumer._note(e.reason, f"{sample.get('__url__')}:{sample.get('__key__')}: {e.detail or e.reason}")
                 run_of_skips += 1
                 if run_of_skips >= self.max_consecutive_skips:
                     # An adapter that rejects everything (wrong caption key, wrong image member) would
                     # otherwise loop over the data forever without yielding a batch.
-                    raise ValueError(
+                    raise DataError(
                         f"{run_of_skips} samples in a row were skipped (last: {sample.get('__url__')}:"
                         f"{sample.get('__key__')}: {e}); skip counts {dict(consumer.skipped)}: "
                         "does the data carry the members the method reads?"

@@ -12,6 +12,12 @@ Launchers supported by :func:`init_distributed`:
 All query helpers (:func:`get_rank`, :func:`get_world_size`, ...) are safe to call before or without
 initialisation.
 
+Faults: the process group's timeout (``init_distributed(timeout_s=)``, the trainer's ``train.dist_timeout_s``)
+bounds every collective and :func:`barrier`. A collective that fails because a peer died or timed out is
+turned into a one-line :class:`PeerLostError` by :func:`peer_lost` (which asks the rendezvous store which
+ranks are still there). An error one rank finds before a collective reaches every rank as the same
+:class:`SharedError` (:func:`raise_if_any`, :func:`decide_on_main`), so no rank waits for a peer that has left.
+
 Tensor-name legend: none (no tensors beyond the ones passed through).
 """
 
@@ -50,10 +56,41 @@ __all__ = [
     "setup_logging",
     "wrap_ddp",
     "resolve_launch_env",
+    "PeerLostError",
+    "SharedError",
+    "is_collective_failure",
+    "peer_lost",
+    "any_rank",
+    "raise_if_any",
+    "decide_on_main",
 ]
 
 _LOG = logging.getLogger(__name__)
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
+
+_timeout_s = 1800.0  # the default group's collective timeout (set by init_distributed)
+_control: Any = None  # a gloo group for small host-side agreements when the default group is NCCL
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed on this rank: a peer died, left or did not answer within the process-group timeout.
+
+    The message is one line (where, which ranks stopped answering when known, the backend's reason).
+    """
+
+
+class SharedError(ValueError):
+    """An error one rank found, raised with the same one-line message on every rank.
+
+    Raised by :func:`raise_if_any` / :func:`decide_on_main` so that every rank stops together instead of the
+    others waiting in the next collective. ``rank`` is the rank that found it. A CLI prints it on rank 0
+    only (every rank has the same message).
+    """
+
+    def __init__(self, message: str, rank: int = 0) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 @dataclass(frozen=True)
@@ -166,7 +203,9 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 1800.0) -> Dist
     Args:
         device: ``"auto"`` (CUDA + NCCL when available, else CPU + gloo), ``"cpu"`` (forces gloo) or
             ``"cuda"``.
-        timeout_s: Collective timeout of the process group.
+        timeout_s: Collective timeout of the process group (rendezvous included): a rank waiting this long
+            on a peer in a collective or :func:`barrier` fails instead of hanging. gloo raises an error (then
+            :func:`peer_lost`); NCCL's watchdog aborts the process.
 
     Returns:
         The :class:`DistInfo` of this process. Calling it again after a group exists returns the same info.
@@ -184,6 +223,8 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 1800.0) -> Dist
 
     # env:// rendezvous reads these; exporting them also lets subprocesses / libraries see the same values.
     os.environ.update(launch)
+    global _timeout_s, _control
+    _timeout_s, _control = float(timeout_s), None
     rank, world_size, local_rank = int(launch["RANK"]), int(launch["WORLD_SIZE"]), int(launch["LOCAL_RANK"])
     dev = _pick_device(device, local_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -226,18 +267,176 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    """Synchronise all ranks; no-op without a process group."""
-    if is_initialized() and get_world_size() > 1:
+def barrier(timeout_s: float | None = None) -> None:
+    """Synchronise all ranks; no-op without a process group.
+
+    Without ``timeout_s`` the process group's timeout applies (``init_distributed(timeout_s=)``). With it, the
+    barrier is gloo's monitored barrier (on a gloo side group under NCCL): after ``timeout_s`` it raises
+    :class:`PeerLostError` naming the ranks that did not arrive.
+    """
+    if not (is_initialized() and get_world_size() > 1):
+        return
+    if timeout_s is None:
         dist.barrier()
+        return
+    try:
+        dist.monitored_barrier(group=_control_group(), timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        raise peer_lost(e, "in a barrier") from None
 
 
 def cleanup(*, wait: bool = True) -> None:
-    """Destroy the default process group if one exists (after a barrier unless ``wait`` is false)."""
+    """Destroy the default process group if one exists (after a barrier unless ``wait`` is false).
+
+    The barrier (no rank tears its gloo threads down while a peer still talks to it) waits at most the
+    process group's timeout: a peer that is gone makes it fail (naming it), not hang.
+    """
+    global _control
     if is_initialized():
-        if wait and get_world_size() > 1:
-            dist.barrier()  # no rank tears its gloo threads down while a peer is still talking to it
-        dist.destroy_process_group()
+        try:
+            if wait and get_world_size() > 1:
+                barrier(timeout_s=_timeout_s)
+        finally:
+            _control = None
+            dist.destroy_process_group()
+
+
+def _control_group() -> Any:
+    """The group for small host-side agreements: the default group under gloo, else a gloo side group.
+
+    The side group is created on first use, a collective call: every rank must reach it in the same order.
+    """
+    global _control
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    if _control is None:
+        _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=_timeout_s))
+    return _control
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether it is set on ANY rank (one small all-reduce, max, on the host); collective.
+
+    Used at step boundaries ("a stop signal arrived", "a save failed") so that all ranks take the same branch.
+    Identity in a single process.
+    """
+    if not (is_initialized() and get_world_size() > 1):
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group())
+    return tuple(bool(v) for v in t.tolist())
+
+
+def _one_line(error: BaseException | str) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def raise_if_any(error: BaseException | None) -> None:
+    """Collective: if any rank passes an error, every rank raises the same :class:`SharedError`.
+
+    The message is the first line of the lowest failing rank's error. Call it on every rank right after the
+    code that may fail on one rank only (a local file read, a check), before the next collective. Costs one
+    small all-gather; nothing is raised when no rank failed.
+    """
+    if not (is_initialized() and get_world_size() > 1):
+        if error is not None:
+            raise SharedError(_one_line(error)) from error
+        return
+    messages = all_gather_object(None if error is None else _one_line(error))
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise SharedError(message, rank) from error
+
+
+def decide_on_main(fn: Callable[[], _T], catch: tuple[type[BaseException], ...] = (ValueError, OSError)) -> _T:
+    """Run ``fn`` on rank 0 only and return its result on every rank (broadcast); collective.
+
+    An exception of a ``catch`` type on rank 0 is raised on every rank as the same :class:`SharedError`
+    (one line), so the other ranks never wait in a collective rank 0 will not reach.
+    """
+    result, message = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except catch as e:
+            if not (is_initialized() and get_world_size() > 1):
+                raise SharedError(_one_line(e)) from e
+            message = _one_line(e)
+    result, message = broadcast_object((result, message))
+    if message is not None:
+        raise SharedError(message, 0)
+    return result
+
+
+# Text of the errors gloo, NCCL and the store raise when a peer is gone or silent (they are plain RuntimeErrors).
+_COLLECTIVE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "connection refused", "broken pipe",
+                       "timed out waiting", "processgroup", "monitoredbarrier", "failed to pass")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective or store failure (a peer died or timed out), not a bug in the step."""
+    if isinstance(error, PeerLostError):
+        return True
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error).lower()
+    return any(m in text for m in _COLLECTIVE_MARKERS)
+
+
+def _reason(error: BaseException) -> str:
+    """The backend's reason in one short line (gloo prefixes a source location and appends advice)."""
+    text = _one_line(error)
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically")[0][:200]
+
+
+def _silent_ranks(wait_s: float) -> list[int] | None:
+    """The ranks that do not report to the rendezvous store within ``wait_s`` (after a failed collective).
+
+    Every rank that catches a collective failure posts a key; a dead or stuck rank posts none. None when the
+    store itself is unreachable (it lives in rank 0's process with env:// and torchrun's static rendezvous).
+    """
+    import time
+
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    rank, world = get_rank(), get_world_size()
+    try:
+        store = _get_default_store()
+        store.set_timeout(timedelta(seconds=wait_s))  # a store whose host died must not keep us waiting
+        store.set(f"vlp/peer_lost/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        missing = [r for r in range(world) if r != rank]
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"vlp/peer_lost/{r}"])]
+            if missing:
+                time.sleep(0.1)
+        return missing
+    except Exception:  # noqa: BLE001 - the store is gone with its host: say so instead
+        return None
+
+
+def peer_lost(error: BaseException, where: str, *, wait_s: float = 3.0) -> PeerLostError:
+    """A one-line :class:`PeerLostError` for a failed collective: ``where`` (e.g. ``"during step 7"``), the
+    ranks that stopped answering when the store can tell (waits up to ``wait_s`` for the others to report),
+    and the backend's reason."""
+    if isinstance(error, PeerLostError):
+        return error
+    rank = get_rank() if is_initialized() else 0
+    silent = _silent_ranks(wait_s) if is_initialized() and get_world_size() > 1 else []
+    if silent is None:
+        who = "rank 0 (it hosts the rendezvous store, which is unreachable)"
+    elif silent:
+        who = "rank " + ", ".join(str(r) for r in silent) if len(silent) < 9 else f"{len(silent)} ranks"
+    else:
+        who = "a peer rank"
+    return PeerLostError(f"rank {rank} lost contact with {who} {where}: {_reason(error)} (a peer died, or "
+                         f"did not answer within the collective timeout of {_timeout_s:.0f} s, "
+                         "train.dist_timeout_s); stopping")
 
 
 def all_gather_object(obj: Any) -> list[Any]:

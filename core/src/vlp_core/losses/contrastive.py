@@ -11,7 +11,8 @@ back, then DDP's gradient mean) is the exact global gradient. Per-rank memory is
 Requirement: equal per-rank batch B on all ranks (see :mod:`vlp_core.distributed.collectives`).
 
 Temperatures are stored in log space (``logit_scale = log(1/T)``); the functional forms take that log-space
-value too, so ``module(x) == functional(x, module.logit_scale)`` whenever no clamping is active.
+value too, so ``module(x) == functional(x, module.logit_scale)`` whenever no clamping is active. The modules
+clamp the stored scale to ``[0, ln max_logit_scale]`` in ``after_step`` (:mod:`vlp_core.losses.bounds`).
 
 Tensor-name legend:
     B: per-rank batch, W: world size, N = W*B: global batch, D: embedding dim.
@@ -31,6 +32,7 @@ from vlp_core.distributed.collectives import (
     neighbour_exchange_with_grad,
 )
 from vlp_core.distributed.utils import get_rank, get_world_size
+from vlp_core.losses.bounds import clamp_bounds_, declare_bounds, log_scale_bounds
 from vlp_core.method import LossOutput
 
 __all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss", "normalize_features"]
@@ -149,26 +151,33 @@ def siglip_loss(
 
 
 class _ScaledContrastive(nn.Module):
-    """Shared handling of the learnable, clamped log-space scale."""
+    """Shared handling of the learnable, clamped log-space scale.
+
+    The forward pass caps the scale (``exp(logit_scale) <= max_logit_scale``); :meth:`after_step`, which the
+    trainer calls after every optimizer step, clamps the stored parameter to ``[0, ln max_logit_scale]`` as
+    OpenCLIP does (:mod:`vlp_core.losses.bounds`), so a step past the cap never freezes the temperature.
+    """
 
     logit_scale: nn.Parameter
 
     def __init__(self, init_logit_scale: float, learn: bool, max_logit_scale: float) -> None:
         super().__init__()
-        if max_logit_scale <= 0:
-            raise ValueError(f"max_logit_scale must be > 0, got {max_logit_scale}")
-        self.max_log_scale = math.log(max_logit_scale)
+        lower, self.max_log_scale = log_scale_bounds(max_logit_scale)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn)
+        declare_bounds(self, logit_scale=(lower, self.max_log_scale))
 
     def _clamped_scale(self) -> torch.Tensor:
-        # torch.clamp, not a Python `min(...)`: stays on the device (no host sync) and gives zero gradient
-        # past the cap, like clamping the parameter after every step.
+        # torch.clamp, not a Python `min(...)`: stays on the device (no host sync). Its gradient is zero past
+        # the cap but not at it, so the post-step clamp of the parameter (after_step) keeps it learnable.
         return torch.clamp(self.logit_scale, max=self.max_log_scale)
 
-    @torch.no_grad()
     def clamp_(self) -> None:
-        """Clamp the stored parameter to ``<= log(max_logit_scale)``; call after optimiser steps."""
-        self.logit_scale.clamp_(max=self.max_log_scale)
+        """Clamp the stored parameter to ``[0, log(max_logit_scale)]`` (what :meth:`after_step` does)."""
+        clamp_bounds_(self)
+
+    def after_step(self, finite: torch.Tensor) -> None:
+        """The trainer's post-step hook: clamp the stored scale (a no-op after a skipped step)."""
+        clamp_bounds_(self)
 
 
 class ClipLoss(_ScaledContrastive):

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["TorchrunError", "free_port", "run_torchrun"]
+__all__ = ["TorchrunError", "descendants", "free_port", "run_torchrun"]
 
 _PORT_IN_USE_MARKERS = ("address already in use", "EADDRINUSE", "errno 98")
 # gloo's teardown can abort a worker under heavy CPU load (a joinable std::thread destroyed at exit); such a
@@ -55,7 +55,7 @@ def _tail(text: str | None, limit: int = 12_000) -> str:
     return text if len(text) <= limit else "...[truncated]...\n" + text[-limit:]
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """All live descendants of ``pid`` (Linux ``/proc``; empty elsewhere)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
@@ -79,7 +79,7 @@ def _kill_job(proc: subprocess.Popen[str]) -> None:
     the launcher's process group alone would orphan the workers (and keep our pipes open). Collect the
     tree first: once the launcher dies its children are re-parented and can no longer be found from it.
     """
-    pids = _descendants(proc.pid)
+    pids = descendants(proc.pid)
     for pid in [proc.pid, *pids]:
         for kill in (os.killpg, os.kill):  # the worker's own group (its helpers), then the pid itself
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -6,6 +6,12 @@ that many chunks: for a method with ``exact_accumulation`` the step's gradient i
 log steps; the NaN/Inf guard skips a non-finite step on the device where the
 fused optimizer allows it.
 
+Faults (see :class:`_Faults`): SIGTERM or SIGUSR1 sets a flag; at the next step boundary every rank agrees
+(one small all-reduce), writes a checkpoint at that step and exits with :data:`EXIT_PREEMPTED`. A failed
+checkpoint write (disk full...) stops every rank with one message, or with ``train.on_save_error=warn`` is
+logged and training goes on. A collective that fails because a peer died or timed out
+(``train.dist_timeout_s``) becomes one :class:`~vlp_core.distributed.utils.PeerLostError` naming the step.
+
 Parallelism (``train.parallel``: DDP, FSDP2 or HSDP) is applied by :mod:`vlp_core.train.parallel` before the
 optimizer is built; checkpoints (``train.checkpoint_format``: one file, or a DCP folder every rank writes and
 any world size reads back) by :mod:`vlp_core.train.checkpoint`. Resume is exact on the writing world size; on
@@ -15,10 +21,13 @@ another (DCP only) it continues at the same step and global sample count (see ``
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +36,18 @@ import torch
 from torch import nn
 
 from vlp_core.config import RunConfig, dump_yaml, to_dict
+from vlp_core.data.skips import SkipLog, sum_counts
 from vlp_core.data.transforms import prepare_images
 from vlp_core.data.wds import BatchMeta, WdsPipeline, build_train_loader, parse_sources
 from vlp_core.distributed import DistInfo, all_gather_object, barrier, init_distributed, is_main
+from vlp_core.distributed.utils import (
+    SharedError,
+    any_rank,
+    decide_on_main,
+    is_collective_failure,
+    peer_lost,
+    raise_if_any,
+)
 from vlp_core.logging.writer import RunWriter, caption_grid
 from vlp_core.method import MethodSpec
 from vlp_core.train.accumulate import accumulate_exact, merge_features, split_batch
@@ -43,11 +61,83 @@ from vlp_core.train.parallel import (
     split_scalar_groups,
     sync_replicated_grads,
 )
+from vlp_core.train.resume_check import check_resume
 from vlp_core.train.setup import build_parts, evaluate, resolve_output_dir, resolve_world
 
-__all__ = ["run", "TrainStep"]
+__all__ = ["run", "TrainStep", "Preempted", "EXIT_PREEMPTED", "STOP_SIGNALS"]
 
 log = logging.getLogger("vlp")
+
+# The exit status of a worker that stopped on a signal after writing its checkpoint: sysexits.h's EX_TEMPFAIL
+# ("temporary failure, retry"). torchrun itself exits 1 in that case (see the README's "Faults and recovery").
+EXIT_PREEMPTED = 75
+# SLURM sends SIGUSR1 ahead of the end of a job with --signal=USR1@<s>; schedulers send SIGTERM when pre-empting.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):  # noqa: N818 - not an error: the run stopped as asked, its checkpoint is written
+    """The run stopped on a stop signal after writing a checkpoint at ``step`` (``path``; None where unknown)."""
+
+    def __init__(self, signame: str, step: int, path: Path | None) -> None:
+        super().__init__(f"stopped by {signame} at step {step}")
+        self.signame, self.step, self.path = signame, step, path
+
+
+class _Faults:
+    """A run's fault state: the stop signal caught, where the loop is (for messages), the data loader.
+
+    :meth:`install` sets handlers for :data:`STOP_SIGNALS` that only record the signal (the loop acts on it
+    at the next step boundary, on every rank at once); :meth:`close` restores the previous handlers and shuts
+    the data loader's workers down, also after an error.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.step = 0  # the step being computed (during) or the last one finished (after)
+        self.during = False
+        self.loader: Any = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        try:
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (an embedding application): no handlers, no pre-emption
+            self.close()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+    @property
+    def signame(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a stop signal"
+
+    def where(self) -> str:
+        if self.step == 0 and not self.during:
+            return "before the first step"
+        return f"during step {self.step}" if self.during else f"after step {self.step}"
+
+    def close(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+        shutdown = getattr(self.loader, "_shutdown_workers", None)  # a multi-process DataLoader iterator
+        self.loader = None
+        if shutdown is not None:
+            with contextlib.suppress(Exception):
+                shutdown()
+
+
+def _data_worker_init(inner: Callable[[int], None] | None, worker_id: int) -> None:
+    """In each DataLoader worker: ignore the stop signals (a scheduler signals every process of the job).
+
+    The trainer handles them; a data worker killed by one would make the trainer fail before it could save.
+    The workers still exit with the trainer: it shuts them down, and they watch for its death.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if inner is not None:
+        inner(worker_id)
 
 
 class TrainStep(nn.Module):
@@ -78,7 +168,8 @@ class TrainStep(nn.Module):
 class _State:
     step: int = 0
     data: dict[int, int] = field(default_factory=dict)  # logical worker -> raw samples consumed
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # this rank's own skip totals, by reason
+    skips: SkipLog = field(default_factory=SkipLog)  # the global totals (at log steps) and the examples to log
     batches: int = 0  # rank batches (whole steps' worth, all accumulation chunks) consumed on this rank
     base: int = 0  # samples this rank took over when resuming on another world size (see ``_restore``)
 
@@ -112,7 +203,7 @@ def _to_device(batch: dict[str, Any], device: torch.device, *, mean: list[float]
 def _record(state: _State, rank_batch: int) -> dict[str, Any]:
     """This rank's part of a checkpoint: RNG states, data position (opaque per consumer), batches, samples."""
     return {"rng": rng_state(), "data": dict(state.data), "batches": state.batches,
-            "samples": state.base + state.batches * rank_batch}
+            "samples": state.base + state.batches * rank_batch, "skipped": dict(state.skipped)}
 
 
 def _shared(state: _State, scheduler, scaler, cfg: RunConfig) -> dict[str, Any]:
@@ -125,6 +216,8 @@ def _save(ckpt: CheckpointManager, fmt: str, state: _State, step_module: nn.Modu
           cfg: RunConfig, rank_batch: int) -> None:
     """One checkpoint: a DCP folder every rank writes, or one file rank 0 writes with every rank's record."""
     shared = _shared(state, scheduler, scaler, cfg)
+    if state.step == int(os.environ.get("VLP_DEBUG_FAIL_SAVE_AT_STEP", "0")):  # test hook: a full disk
+        shared["debug_disk_full"] = _DiskFull()
     if fmt == "dcp":
         ckpt.save_dcp(state.step, step_module, optimizer, shared, _record(state, rank_batch),
                       async_save=cfg.train.async_save)
@@ -133,6 +226,73 @@ def _save(ckpt: CheckpointManager, fmt: str, state: _State, step_module: nn.Modu
     if is_main():
         ckpt.save({**shared, "model": step_module.state_dict(), "optimizer": optimizer.state_dict(),
                    "ranks": per_rank}, state.step)
+
+
+class _DiskFull:
+    """Test-only (``VLP_DEBUG_FAIL_SAVE_AT_STEP``): pickling it raises ENOSPC, so the checkpoint writer fails
+    midway through writing its file, as on a full disk, and its own cleanup runs."""
+
+    def __reduce__(self) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _attempt(fn: Callable[[], Any]) -> OSError | None:
+    """``fn()``; the OSError it raises (a failed checkpoint write: CheckpointWriteError is one), else None."""
+    try:
+        fn()
+    except OSError as e:
+        return e
+    return None
+
+
+def _save_failed(ckpt: CheckpointManager, error: OSError | None, cfg: RunConfig, step: int, *,
+                 stopping: bool = False) -> None:
+    """After a failed checkpoint write on some rank (all ranks call this together): stop every rank with the
+    same one-line error (``train.on_save_error=stop``, or when ``stopping`` on a signal), else warn.
+
+    A rank whose own write did not fail but which has a background (async) save pending waits for it: it
+    failed too, with the same error. The message is the first failing rank's (one small all-gather).
+    """
+    if error is None and ckpt.pending:
+        error = _attempt(ckpt.finish)
+    messages = [m for m in all_gather_object(None if error is None else str(error).strip().splitlines()[0]) if m]
+    message = messages[0] if messages else "a checkpoint write failed on another rank"
+    if stopping:
+        raise SharedError(f"{message}; the checkpoint at step {step} (before stopping) was not written: the run "
+                          "resumes from the previous one") from error
+    if cfg.train.on_save_error == "stop":
+        raise SharedError(f"{message}; stopping at step {step} (train.on_save_error=stop; the earlier checkpoints "
+                          "are intact; with train.on_save_error=warn training goes on)") from error
+    if is_main():
+        log.warning("%s; training goes on without the checkpoint of step %d (train.on_save_error=warn)",
+                    message, step)
+
+
+def _boundary(faults: _Faults, ckpt: CheckpointManager, cfg: RunConfig, step: int, save: Callable[[], None],
+              saving: bool) -> None:
+    """The end of a step on every rank: write the checkpoint due (or check a background save), then agree (one
+    all-reduce) on a stop signal and on a failed write; act on them (see :func:`_save_failed`).
+
+    On a stop signal the checkpoint of this step is written (unless it just was), any background save finished,
+    and :class:`Preempted` raised on every rank.
+    """
+    error = _attempt(save if saving else ckpt.poll)
+    stop, failed = any_rank(faults.signum != 0, error is not None)
+    if failed:
+        _save_failed(ckpt, error, cfg, step, stopping=stop)
+    if not stop:
+        return
+    if is_main():
+        log.warning("%s received: stopping after the checkpoint of step %d", faults.signame, step)
+    error = None if saving else _attempt(save)  # (a failed save has raised above)
+    error = error or _attempt(ckpt.finish)
+    if any_rank(error is not None)[0]:
+        _save_failed(ckpt, error, cfg, step, stopping=True)
+    path = ckpt.latest() if is_main() else None
+    if is_main():
+        log.warning("stopped by %s at step %d: checkpoint %s written; exiting with code %d (continue the run "
+                    "with --resume latest)", faults.signame, step, path, EXIT_PREEMPTED)
+    raise Preempted(faults.signame, step, path)
 
 
 def _restore(path: Path, shared: dict[str, Any], records: list[dict[str, Any]], info: DistInfo, cfg: RunConfig,
@@ -148,12 +308,17 @@ def _restore(path: Path, shared: dict[str, Any], records: list[dict[str, Any]], 
     continue; which samples come next is not what the old world would have read.
     """
     step = int(shared["step"])
-    skipped = dict(shared.get("skipped", {}))
+    # Each rank's own skip totals are in its record (their sum: the run's); an older checkpoint has rank 0's only.
+    if all("skipped" in r for r in records):
+        own = [dict(r["skipped"]) for r in records]
+    else:
+        own = [dict(shared.get("skipped", {})), *({} for _ in records[1:])]
+    skips = SkipLog(sum_counts(own))
     if len(records) == info.world_size:
         mine = records[info.rank]
         base = int(mine["samples"]) - mine["batches"] * rank_batch if "samples" in mine else 0
-        return _State(step=step, data={int(k): v for k, v in mine["data"].items()}, skipped=skipped,
-                      batches=mine["batches"], base=base)
+        return _State(step=step, data={int(k): v for k, v in mine["data"].items()}, skipped=own[info.rank],
+                      skips=skips, batches=mine["batches"], base=base)
     if not is_dcp_checkpoint(path):
         raise ValueError(f"checkpoint {path} was written by {len(records)} ranks; this run has {info.world_size}: "
                          "a single-file checkpoint resumes on the same world size only (train.checkpoint_format=dcp "
@@ -164,7 +329,9 @@ def _restore(path: Path, shared: dict[str, Any], records: list[dict[str, Any]], 
                 "restarts with each of the %d consumers skipping %d samples (same global sample count, %d), "
                 "RNGs reseeded", path, len(records), info.world_size, info.world_size * workers, share, total)
     base = total // info.world_size + (info.rank < total % info.world_size)  # the ranks' bases add up to total
-    return _State(step=step, data=dict.fromkeys(range(workers), share), skipped=skipped, batches=0, base=base)
+    skipped = sum_counts(own) if info.rank == 0 else {}  # the totals stay whole: rank 0 carries the old ranks'
+    return _State(step=step, data=dict.fromkeys(range(workers), share), skipped=skipped, skips=skips, batches=0,
+                  base=base)
 
 
 def _restore_rng(records: list[dict[str, Any]] | None, info: DistInfo, cfg: RunConfig, step: int) -> None:
@@ -195,7 +362,7 @@ def _checkpoint_format(t) -> str:
 def run(cfg: RunConfig, method: MethodSpec) -> dict[str, float]:
     """Train ``method`` with ``cfg``; returns the final evaluation metrics (empty if evaluation is off)."""
     cfg.validate()
-    info = init_distributed()
+    info = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     torch.manual_seed(cfg.train.seed + info.rank)
     out_dir = resolve_output_dir(cfg)
     world = resolve_world(cfg, info)
@@ -204,14 +371,29 @@ def run(cfg: RunConfig, method: MethodSpec) -> dict[str, float]:
     if is_main():
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
         log.info("run folder: %s", out_dir)
+    faults = _Faults()
+    faults.install()
     try:
-        return _train(cfg, method, info, parts, writer, out_dir)
+        return _train(cfg, method, info, parts, writer, out_dir, faults)
+    except RuntimeError as e:
+        if info.distributed and is_collective_failure(e):
+            raise peer_lost(e, faults.where()) from None  # one line: which step, which rank, why
+        raise
     finally:
+        faults.close()
         writer.close()
 
 
+def _resolve_resume(ckpt: CheckpointManager, resume: str) -> Path | None:
+    """``train.resume`` to a checkpoint path (rank 0 only: :func:`_train` broadcasts it)."""
+    path = ckpt.resolve(resume)
+    if path is None and resume and resume != "latest":
+        raise ValueError(f"checkpoint not found: {resume}")
+    return path
+
+
 def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, writer: RunWriter,
-           out_dir: Path) -> dict[str, float]:
+           out_dir: Path, faults: _Faults) -> dict[str, float]:
     t = cfg.train
     device = info.device
     micro = t.batch_size // (info.world_size * t.accum_steps)
@@ -229,15 +411,19 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
     autocast, precision = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ckpt = CheckpointManager(out_dir / "checkpoints", keep=t.keep_checkpoints)
-    path = ckpt.resolve(t.resume)
-    if path is None and t.resume and t.resume != "latest":
-        raise ValueError(f"checkpoint not found: {t.resume}")
+    # Rank 0 resolves --resume (skipping damaged checkpoints) and every rank uses its answer, or its error.
+    path = decide_on_main(lambda: _resolve_resume(ckpt, t.resume))
     saved = None
     if path is not None and not is_dcp_checkpoint(path):
         if t.parallel != "ddp":
             raise ValueError(f"{path} is a single-file checkpoint: resume it with train.parallel=ddp "
                              "(sharded runs resume from DCP folders)")
-        saved = ckpt.load(path)
+        saved, error = None, None
+        try:  # every rank reads the file: one that cannot (another filesystem view) stops them all
+            saved = ckpt.load(path)
+        except (ValueError, OSError) as e:
+            error = e
+        raise_if_any(error)
         step_module.load_state_dict(saved["model"])  # full tensors, before any wrapping
     if t.init_from and path is None:
         from vlp_core.train.init_from import init_from
@@ -269,19 +455,25 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
         if scaler is not None and shared.get("scaler"):
             scaler.load_state_dict(shared["scaler"])
         state = _restore(path, shared, records, info, cfg, workers, rank_batch)
+        check_resume(path, shared, records, state, cfg, info, workers, rank_batch)  # changed data settings
         log.info("resumed from %s at step %d", path, state.step)
 
     pipeline = WdsPipeline(
         parse_sources(parts.train_data, cfg.data.train_weights), parts.adapter, batch_size=rank_batch,
         seed=cfg.data.seed, rank=info.rank, world_size=info.world_size, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, start=state.data,
-        worker_offset=state.batches % workers if cfg.data.workers > 0 else 0, seed_samples=True)
-    loader = iter(build_train_loader(pipeline, workers=cfg.data.workers, pin_memory=device.type == "cuda"))
+        worker_offset=state.batches % workers if cfg.data.workers > 0 else 0, seed_samples=True,
+        max_image_pixels=cfg.data.max_image_pixels, max_shard_failures=cfg.data.max_shard_failures)
+    data_loader = build_train_loader(pipeline, workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    if data_loader.num_workers > 0:  # before the workers fork
+        data_loader.worker_init_fn = functools.partial(_data_worker_init, data_loader.worker_init_fn)
+    loader = faults.loader = iter(data_loader)
     # After the loader's iterator has drawn its base seed from the torch RNG, as the uninterrupted run's did
     # before its first step: the resumed RNG stream then continues exactly where the checkpoint left it.
     _restore_rng(records, info, cfg, state.step)
 
     kill_at = int(os.environ.get("VLP_DEBUG_KILL_AT_STEP", "0"))
+    step_sleep = float(os.environ.get("VLP_DEBUG_STEP_SLEEP_S", "0"))  # test hook: slow steps to signal between
     progress = None
     if is_main() and t.progress:
         from tqdm import tqdm
@@ -292,6 +484,9 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
     last_parts: dict[str, torch.Tensor] = {}
     model_for_train.train()
     while state.step < t.steps:
+        faults.step, faults.during = state.step + 1, True
+        if step_sleep:
+            time.sleep(step_sleep)
         optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         batch, meta = next(loader)
@@ -337,8 +532,10 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
             _log_step(writer, state, last_parts, optimizer, nonfinite, t, elapsed, wait_time, window_steps,
                       progress)
             window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
-        if state.step % t.save_every == 0 or state.step == t.steps:
-            _save(ckpt, fmt, state, step_module, optimizer, scheduler, scaler, cfg, rank_batch)
+        faults.during = False
+        _boundary(faults, ckpt, cfg, state.step,
+                  lambda: _save(ckpt, fmt, state, step_module, optimizer, scheduler, scaler, cfg, rank_batch),
+                  saving=state.step % t.save_every == 0 or state.step == t.steps)
         if kill_at and state.step == kill_at:  # test hook: die like a pre-empted job
             ckpt.finish()  # an async save is complete
             barrier()  # rank 0 has finished writing the checkpoint before any rank dies
@@ -347,15 +544,25 @@ def _train(cfg: RunConfig, method: MethodSpec, info: DistInfo, parts: Any, write
             evaluate(cfg, method, parts, _eval_view(step_module, cfg, method, parts, device), writer, state.step,
                      device)
             model_for_train.train()
-    ckpt.finish()  # the last async save
+    error = _attempt(ckpt.finish)  # the last async save
+    stop, failed = any_rank(faults.signum != 0, error is not None)
+    if failed:
+        _save_failed(ckpt, error, cfg, state.step)
+    if stop:  # after the last step's checkpoint: the final evaluation is left to the resumed run
+        path = ckpt.latest() if is_main() else None
+        if is_main():
+            log.warning("stopped by %s after the last step (%d; checkpoint %s); exiting with code %d before the "
+                        "final evaluation (--resume latest runs it)", faults.signame, state.step, path,
+                        EXIT_PREEMPTED)
+        raise Preempted(faults.signame, state.step, path)
     if progress is not None:
         progress.close()
     results: dict[str, float] = {}
     if cfg.eval.at_end:
         results = evaluate(cfg, method, parts, _eval_view(step_module, cfg, method, parts, device), writer,
                            state.step, device)
-    if is_main() and state.skipped:
-        log.info("skipped samples: %s", state.skipped)
+    if is_main() and state.skips.totals:  # every rank's, as of the last log step (the last step is one)
+        log.info("skipped samples: %s", state.skips.totals)
     return results
 
 
@@ -385,8 +592,7 @@ def _account(state: _State, meta: BatchMeta) -> None:
     state.batches += 1
     for reason, n in meta.skipped.items():
         state.skipped[reason] = state.skipped.get(reason, 0) + n
-    for msg in meta.examples:
-        log.warning("skipped sample: %s", msg)
+    state.skips.note(meta.examples)  # logged, a few per reason, by rank 0 at the next log step
 
 
 def _optimizer_step(module: nn.Module, optimizer, scaler, grad_clip: float, nonfinite: torch.Tensor,
@@ -421,7 +627,8 @@ def _log_step(writer: RunWriter, state: _State, parts: dict[str, torch.Tensor], 
     values["train/lr"] = optimizer.param_groups[0]["lr"]
     values["train/samples_per_s"] = steps * t.batch_size / max(elapsed, 1e-9)
     values["train/data_wait_frac"] = wait / max(elapsed, 1e-9)
-    for reason, n in state.skipped.items():
+    # One all-reduce of the skip counts on every rank (log steps are the same on all), one line on rank 0.
+    for reason, n in state.skips.update(state.step, state.skipped).items():
         values[f"data/skipped_{reason}"] = n
     writer.scalars(state.step, values)
     if progress is not None:

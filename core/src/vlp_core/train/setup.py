@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from vlp_core.config import RunConfig
-from vlp_core.distributed import DistInfo, barrier, broadcast_object, is_main
+from vlp_core.distributed import DistInfo, is_main
+from vlp_core.distributed.utils import decide_on_main
 from vlp_core.logging.writer import RunWriter
 from vlp_core.method import MethodSpec
 from vlp_core.train.checkpoint import CheckpointManager
@@ -40,27 +41,34 @@ class Parts:
 def resolve_output_dir(cfg: RunConfig) -> Path:
     """``train.output_dir``, or ``runs/<method>-<preset>-<time>`` (the newest such folder for ``--resume latest``).
 
-    Decided on rank 0 and broadcast, so every rank writes to the same folder.
+    Decided (and created) on rank 0 and broadcast, so every rank writes to the same folder; an error there (a
+    folder that cannot be created, or one that holds checkpoints without ``--resume``) is raised on every rank
+    as the same one-line :class:`~vlp_core.distributed.utils.SharedError`, so no rank waits for rank 0.
     """
-    out = cfg.train.output_dir
-    if not out and is_main():
-        stem = f"{cfg.method}-{cfg.preset}"
-        previous = sorted(Path("runs").glob(f"{stem}-*")) if Path("runs").is_dir() else []
-        if cfg.train.resume == "latest" and previous:
-            out = str(previous[-1])
-        else:
-            out = f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = broadcast_object(out)
-    cfg.train.output_dir = out
-    path = Path(out)
-    if is_main():
-        path.mkdir(parents=True, exist_ok=True)
+
+    def decide() -> str:
+        out = cfg.train.output_dir
+        if not out:
+            stem = f"{cfg.method}-{cfg.preset}"
+            previous = sorted(Path("runs").glob(f"{stem}-*")) if Path("runs").is_dir() else []
+            if cfg.train.resume == "latest" and previous:
+                out = str(previous[-1])
+            else:
+                out = f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = Path(out)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the run folder {path} (train.output_dir): {e.strerror or e}") from e
         ckpts = path / "checkpoints"
         if not cfg.train.resume and ckpts.is_dir() and CheckpointManager(ckpts).list():
             raise ValueError(f"{path} already holds checkpoints: pass --resume latest to continue that run, "
                              "or choose another --output-dir")
-    barrier()
-    return path
+        return out
+
+    out = decide_on_main(decide)
+    cfg.train.output_dir = out
+    return Path(out)
 
 
 NO_TOKENIZER = (
@@ -147,9 +155,7 @@ def resolve_world(cfg: RunConfig, info: DistInfo) -> Path | None:
         return worlds[0]  # a complete world elsewhere: nothing to generate
     from vlp_core.data.synthetic import ensure_world
 
-    if is_main():
-        ensure_world(cfg.data)
-    barrier()
+    decide_on_main(lambda: ensure_world(cfg.data) and None)  # generated once; an error there stops every rank
     return Path(ensure_world(cfg.data))  # already there: a cheap check on every rank
 
 

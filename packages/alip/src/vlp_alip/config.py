@@ -15,7 +15,8 @@ class AlipConfig:
     caption_key: str = "syn.txt"
     # A sample without a synthetic caption: "skip" it, or use its raw text as the caption ("raw").
     missing_caption: Literal["skip", "raw"] = "skip"
-    # One shared temperature for both paths; logit scale starts at ln(1/T), capped at max_logit_scale.
+    # One shared temperature for both paths; logit scale starts at ln(1/T), capped at max_logit_scale (the
+    # stored scale clamped to [0, ln max_logit_scale] after every step, as the official code does).
     init_temperature: float = 0.07
     learn_temperature: bool = True
     max_logit_scale: float = 100.0
@@ -35,8 +36,8 @@ class AlipConfig:
                              "must both name a member or a json field")
         if self.init_temperature <= 0:
             raise ValueError(f"loss.init_temperature must be positive, got {self.init_temperature}")
-        if self.max_logit_scale <= 0:
-            raise ValueError(f"loss.max_logit_scale must be positive, got {self.max_logit_scale}")
+        if not self.max_logit_scale >= 1:  # the scale is kept in [1, max_logit_scale] (vlp_core.losses.bounds)
+            raise ValueError(f"loss.max_logit_scale must be >= 1, got {self.max_logit_scale}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"loss.momentum must be in [0, 1), got {self.momentum}")
         if self.gamma_s < 0 or self.gamma_p < 0:

@@ -9,7 +9,8 @@ columns. The mean over ranks of the local loss is the single-process loss on the
 H (buffers, so they are checkpointed) is not written by ``forward``: the new values are staged there and
 applied by ``after_step(finite)``, which the trainer calls once per optimizer step. So under exact gradient
 accumulation (``forward`` runs once per chunk, each time on the whole batch's features) H moves once per step
-on the whole batch, and a step that the NaN guard skips leaves H unchanged.
+on the whole batch, and a step that the NaN guard skips leaves H unchanged. ``after_step`` also clamps the
+stored logit scale to ``[0, ln max_logit_scale]`` (the official code's clamp after every step).
 
 Tensor-name legend:
     B: per-rank batch, W: world size, N = W*B: global batch, D: embedding dim, K = 3 (image, text, caption).
@@ -27,7 +28,7 @@ from torch import nn
 from vlp_alip.config import AlipConfig
 from vlp_core.distributed.collectives import all_gather_no_grad, all_gather_with_grad
 from vlp_core.distributed.utils import get_rank
-from vlp_core.losses import normalize_features
+from vlp_core.losses import clamp_bounds_, declare_bounds, log_scale_bounds, normalize_features
 from vlp_core.method import LossOutput
 
 __all__ = ["AlipLoss", "gate_weights", "weighted_clip_loss", "row_similarity"]
@@ -112,18 +113,18 @@ class AlipLoss(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.max_log_scale = math.log(cfg.max_logit_scale)
+        lower, self.max_log_scale = log_scale_bounds(cfg.max_logit_scale, key="loss.max_logit_scale")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)),
                                         requires_grad=cfg.learn_temperature)
+        declare_bounds(self, logit_scale=(lower, self.max_log_scale))  # [0, ln 100] after each step (spec)
         for name in ("h_tc", "h_xt", "h_xc"):  # method state: saved in checkpoints, restored on resume
             self.register_buffer(name, torch.tensor(float(cfg.h_init)))
         # H's next values (tc, xt, xc), staged by forward and applied by after_step; not checkpointed.
         self.register_buffer("h_next", torch.full((3,), float(cfg.h_init)), persistent=False)
 
-    @torch.no_grad()
     def clamp_(self) -> None:
-        """Clamp the stored logit scale to ``<= ln(max_logit_scale)`` (as after every official step)."""
-        self.logit_scale.clamp_(max=self.max_log_scale)
+        """Clamp the stored logit scale to ``[0, ln(max_logit_scale)]`` (as after every official step)."""
+        clamp_bounds_(self)
 
     @torch.no_grad()
     def _stage_running(self, s_tc_N: torch.Tensor, s_xt_N: torch.Tensor,
@@ -140,14 +141,17 @@ class AlipLoss(nn.Module):
 
     @torch.no_grad()
     def after_step(self, finite: torch.Tensor) -> None:
-        """Apply the staged H once per optimizer step; keep H where ``finite`` (0-dim bool) is False.
+        """Apply the staged H once per optimizer step; keep H where ``finite`` (0-dim bool) is False; clamp
+        the stored logit scale into ``[0, ln max_logit_scale]`` (:mod:`vlp_core.losses.bounds`).
 
-        ``torch.where`` on the device: no host sync. A second call without a ``forward`` in between changes
-        nothing (the stage is reset to H).
+        ``torch.where`` on the device: no host sync. It selects, so the stage of a skipped step (NaN where the
+        batch itself held a NaN) never reaches H, not even as ``0 * NaN``. A second call without a ``forward``
+        in between changes nothing (the stage is reset to H).
         """
         for i, h in enumerate((self.h_tc, self.h_xt, self.h_xc)):
             h.copy_(torch.where(finite.to(h.device), self.h_next[i].to(h.dtype), h))
             self.h_next[i] = h
+        clamp_bounds_(self)
 
     def forward(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> LossOutput:
         x_BD, t_BD, c_BD = (features[k] for k in ("image_features", "text_features", "caption_features"))

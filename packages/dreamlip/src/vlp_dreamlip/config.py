@@ -49,6 +49,8 @@ class DreamLipConfig:
         for name in ("init_temperature", "sgl_init_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"loss.{name} must be positive, got {getattr(self, name)}")
+        if not self.max_logit_scale >= 1:  # the scales are kept in [1, max_logit_scale] (vlp_core.losses.bounds)
+            raise ValueError(f"loss.max_logit_scale must be >= 1, got {self.max_logit_scale}")
         for name in ("mpcl_weight", "sgl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_core.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
-from vlp_core.losses import normalize_features
+from vlp_core.losses import clamp_bounds_, declare_bounds, log_scale_bounds, normalize_features
 from vlp_core.method import LossOutput
 from vlp_dreamlip.config import DreamLipConfig
 
@@ -152,7 +152,8 @@ def subcaption_grouping_loss(txt_BTD: torch.Tensor, patches_BND: torch.Tensor, l
 
 class DreamLipLoss(nn.Module):
     """``lambda_mpcl * MPCL + lambda_sgl * SGL`` with two learnable temperatures (each capped at
-    ``max_logit_scale``; the SGL one exists only when the SGL is on).
+    ``max_logit_scale`` and clamped to ``[0, ln max_logit_scale]`` after every step; the SGL one exists only
+    when the SGL is on).
 
     Features: ``image_features`` [B, D], ``text_features`` [B, T, D] and, for the SGL, ``patch_features``
     [B, N, D]; ``batch["caption_ids"]`` [B, T] marks duplicate texts.
@@ -162,17 +163,25 @@ class DreamLipLoss(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.max_log_scale = math.log(cfg.max_logit_scale)
+        lower, self.max_log_scale = log_scale_bounds(cfg.max_logit_scale, key="loss.max_logit_scale")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)),
                                         requires_grad=cfg.learn_temperature)
         self.logit_scale_local = (
             nn.Parameter(torch.tensor(math.log(1 / cfg.sgl_init_temperature)), requires_grad=cfg.learn_temperature)
             if cfg.sgl_weight > 0 else None
         )
+        # Both clamped to [0, ln max] after every step, as the official training loop does.
+        declare_bounds(self, logit_scale=(lower, self.max_log_scale),
+                       logit_scale_local=(lower, self.max_log_scale))
 
     def _scale(self, p: torch.Tensor) -> torch.Tensor:
-        # On the device, no host sync; zero gradient past the bounds, like OpenCLIP's clamp after each step.
+        # On the device, no host sync; zero gradient past the bounds (not at them: after_step keeps the
+        # parameters within them, so they stay learnable).
         return torch.clamp(p, min=0.0, max=self.max_log_scale)
+
+    def after_step(self, finite: torch.Tensor) -> None:
+        """After each optimizer step: both stored temperatures back into ``[0, ln max_logit_scale]``."""
+        clamp_bounds_(self)
 
     def forward(self, features: dict[str, Any], batch: dict[str, Any]) -> LossOutput:
         txt_BTD = features["text_features"]

@@ -14,7 +14,7 @@ class LclConfig:
     generation_weight: float = 1.0
     init_temperature: float = 0.07  # logit scale starts at ln(1 / T)
     learn_temperature: bool = True
-    max_logit_scale: float = 100.0
+    max_logit_scale: float = 100.0  # the stored scale is clamped to [0, ln max] after every step
     pool_heads: int = 8  # heads of the attentive pooling (head width = LM width / pool_heads)
     # Vocabulary-head chunk: target tokens per chunk of the generation loss (the head is recomputed in backward).
     gen_chunk: int = 4096
@@ -34,6 +34,8 @@ class LclConfig:
     def validate(self) -> None:
         if self.init_temperature <= 0:
             raise ValueError(f"loss.init_temperature must be positive, got {self.init_temperature}")
+        if not self.max_logit_scale >= 1:  # the scale is kept in [1, max_logit_scale] (vlp_core.losses.bounds)
+            raise ValueError(f"loss.max_logit_scale must be >= 1, got {self.max_logit_scale}")
         if self.contrastive_weight < 0 or self.generation_weight < 0:
             raise ValueError(
                 f"loss.contrastive_weight ({self.contrastive_weight}) and loss.generation_weight "

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from vlp_core.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_sum
 from vlp_core.distributed.utils import get_rank, get_world_size, is_initialized
-from vlp_core.losses import normalize_features
+from vlp_core.losses import clamp_bounds_, declare_bounds, log_scale_bounds, normalize_features
 from vlp_core.method import LossOutput
 from vlp_lcl.config import LclConfig
 
@@ -110,12 +110,18 @@ class LclLoss(nn.Module):
     def __init__(self, cfg: LclConfig) -> None:
         super().__init__()
         self.wc, self.wg = cfg.contrastive_weight, cfg.generation_weight
-        self.max_log_scale = math.log(cfg.max_logit_scale)
+        lower, self.max_log_scale = log_scale_bounds(cfg.max_logit_scale, key="loss.max_logit_scale")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)),
                                         requires_grad=cfg.learn_temperature)
+        declare_bounds(self, logit_scale=(lower, self.max_log_scale))  # [0, ln 100] after each step (spec)
+
+    def after_step(self, finite: Tensor) -> None:
+        """After each optimizer step: the stored logit scale back into ``[0, ln max_logit_scale]``."""
+        clamp_bounds_(self)
 
     def forward(self, features: dict[str, Any], batch: dict[str, Any]) -> LossOutput:
-        # torch.clamp keeps the cap on the device and gives zero gradient past it (like clamping after a step).
+        # torch.clamp keeps the cap on the device; zero gradient past it but not at it (after_step keeps the
+        # parameter within the bounds, so it stays learnable).
         log_scale = torch.clamp(self.logit_scale, max=self.max_log_scale)
         con_sum, n_pairs = contrastive_sum(features["image_latent"], features["context"], features["has_context"],
                                            log_scale)

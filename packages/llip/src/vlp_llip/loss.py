@@ -20,7 +20,6 @@ Shape legend:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlp_core.distributed.collectives import neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 from vlp_core.distributed.utils import get_rank, get_world_size
-from vlp_core.losses import normalize_features, siglip_loss
+from vlp_core.losses import clamp_bounds_, declare_bounds, log_scale_bounds, normalize_features, siglip_loss
 from vlp_core.method import LossOutput
 from vlp_llip.config import LlipConfig
 from vlp_llip.xattn import conditioned_cosines, paired_embeddings
@@ -150,7 +149,7 @@ def llip_loss(
 
 
 class LlipLoss(nn.Module):
-    """Learnable logit scale (init ln(1/0.07), clamped to ln(max_logit_scale)) and bias (init -10).
+    """Learnable logit scale (init ln(1/0.07), clamped to [0, ln(max_logit_scale)]) and bias (init -10).
 
     Llip features (``image_keys`` ...) get :func:`llip_loss`; the factorised variants' ``image_features`` /
     ``text_features`` get the core's SigLIP loss with the same scale and bias.
@@ -162,11 +161,18 @@ class LlipLoss(nn.Module):
         self.cfg = cfg
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_bias)))
-        self.max_log_scale = math.log(cfg.max_logit_scale)  # a float: no tensor (works on the meta device)
+        # Floats: no tensor (works on the meta device). The scale is clamped to [0, ln max] after every step
+        # (the official loop); the bias is left unbounded, as there.
+        lower, self.max_log_scale = log_scale_bounds(cfg.max_logit_scale, key="loss.max_logit_scale")
+        declare_bounds(self, logit_scale=(lower, self.max_log_scale))
 
     def clamped_scale(self) -> torch.Tensor:
-        """``logit_scale`` clamped to ``[0, ln max]`` on the device: no gradient past the bounds."""
+        """``logit_scale`` clamped to ``[0, ln max]`` on the device: no gradient past the bounds (but at them)."""
         return torch.clamp(self.logit_scale, min=0.0, max=self.max_log_scale)
+
+    def after_step(self, finite: torch.Tensor) -> None:
+        """After each optimizer step: the stored logit scale back into ``[0, ln max_logit_scale]``."""
+        clamp_bounds_(self)
 
     def forward(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> LossOutput:
         c = self.cfg

@@ -47,7 +47,7 @@ class Llm2ClipConfig:
     head_init: Literal["openai", "eva"] = "openai"
     init_temperature: float = 0.07  # the paper keeps the pretrained CLIP's scale (at the 100 cap)
     learn_temperature: bool = True
-    max_logit_scale: float = 100.0
+    max_logit_scale: float = 100.0  # the stored scale is clamped to [0, ln max] after every step
     embed_batch_size: int = 64  # extraction and evaluation batch of the text model
 
     def validate(self) -> None:
@@ -56,6 +56,8 @@ class Llm2ClipConfig:
                              f"loss.adapter_expansion ({self.adapter_expansion}) >= 1")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"loss.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not self.max_logit_scale >= 1:  # the scale is kept in [1, max_logit_scale] (vlp_core.losses.bounds)
+            raise ValueError(f"loss.max_logit_scale must be >= 1, got {self.max_logit_scale}")
         if not [k for k in self.caption_keys.split(",") if k.strip()]:
             raise ValueError("loss.caption_keys is empty")
         if self.text_dim < 0:

@@ -13,7 +13,7 @@ from torch import nn
 
 from vlp_core.distributed import all_gather_with_grad
 from vlp_core.distributed.utils import get_rank
-from vlp_core.losses import ClipLoss, normalize_features
+from vlp_core.losses import ClipLoss, clamp_bounds_, normalize_features
 from vlp_core.method import LossOutput
 
 __all__ = ["simcse_loss", "SimCseLoss", "ImageTextLoss"]
@@ -63,3 +63,8 @@ class ImageTextLoss(nn.Module):
 
     def forward(self, features: dict[str, Any], batch: dict[str, Any]) -> LossOutput:
         return self.loss(features["image_features"], features["text_features"])
+
+    def after_step(self, finite: torch.Tensor) -> None:
+        """After each optimizer step: the stored logit scale back into ``[0, ln max_logit_scale]`` (the
+        official loop's clamp; :mod:`vlp_core.losses.bounds`)."""
+        clamp_bounds_(self)
