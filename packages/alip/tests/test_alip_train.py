@@ -38,6 +38,7 @@ def test_resume_restores_running_averages_exactly(noisy_world, tmp_path, monkeyp
     (part / "checkpoints").mkdir(parents=True)
     src = dict(CheckpointManager(tmp_path / "whole" / "checkpoints").list())[2]
     shutil.copy(src, part / "checkpoints" / src.name)
+    shutil.copy(f"{src}.commit", part / "checkpoints" / f"{src.name}.commit")  # its commit record: complete
     seen = {}
     original = AlipLoss.forward
 

@@ -140,3 +140,21 @@ def test_bad_settings_name_the_key(key: str, value: object, message: str) -> Non
     setattr(node, last, value)
     with pytest.raises(ValueError, match=message):
         LlipModel(cfg.model, cfg.loss, vocab_size=50, pad_id=0)
+
+
+def test_evaluation_scores_are_the_training_logits() -> None:
+    """The scorer ranks by what the loss trains: ``scale * score + bias`` in the sigmoid loss over every pair
+    gives the loss's value (so evaluation cannot score pairs differently from training), in eval mode."""
+    model = tiny_model(use_norm=True).eval()
+    cfg = METHOD.preset("smoke")
+    cfg.loss.tau, cfg.loss.init_bias, cfg.loss.init_logit_scale = model.tau, -3.0, 1.7
+    loss = METHOD.build_loss(cfg).to(F64)
+    b = batch(6)
+    with torch.no_grad():
+        want = loss(model(b), b).loss
+        scorer = LlipScorer(model)
+        scores = scorer.score(scorer.image_states(b["images"]).double(), scorer.text_states(b["tokens"]).double())
+        logits = loss.clamped_scale().exp() * scores + loss.logit_bias
+        labels = 2 * torch.eye(6, dtype=F64) - 1
+        got = -torch.nn.functional.logsigmoid(labels * logits).sum() / 6
+    assert_close_rel(got, want, 1e-6, "loss from the scorer's scores")  # the scorer's states are float32
