@@ -23,7 +23,8 @@ def two_rank_results(tiny_llama, tiny_bert, tiny_world, tmp_path_factory) -> Pat
     """One torchrun launch for every job of both stages (startup dominates on 2 cores)."""
     out = tmp_path_factory.mktemp("dist")
     jobs = [f"llm={tiny_llama}", f"clip={tiny_bert}", f"llm_accum={tiny_llama}", f"clip_accum={tiny_bert}",
-            f"world={tiny_world}", f"llm_parallel={tiny_llama}", f"clip_parallel={tiny_bert}"]
+            f"world={tiny_world}", f"llm_parallel={tiny_llama}", f"mntp_parallel={tiny_llama}",
+            f"clip_parallel={tiny_bert}"]
     run_torchrun(WORKERS / "dist_worker.py", 2, str(out), *jobs, timeout=300, env={"VLP_CACHE": str(out / "cache")})
     return out
 
@@ -55,18 +56,19 @@ def test_two_ranks_match_one_process(job, tiny_llama, tiny_bert, two_rank_result
         assert err < 1e-4, (name, err, float(g.abs().max()))
 
 
-@pytest.mark.parametrize("stage", ["llm", "clip"])
+@pytest.mark.parametrize("stage", ["llm", "mntp", "clip"])
 def test_fsdp_hsdp_ddp_match_one_process(stage, two_rank_results):
     """vlp-core's parameter check: after 3 trainer steps (fp32, AdamW eps 1e-3) every parameter under DDP, FSDP2
     and HSDP is within 1e-5 of its largest value of one process. Stage 1 (SimCSE with hard negatives on the tiny
-    Llama): only the LoRA weights train, the frozen base is compared too, FSDP2 shards the two decoder layers
+    Llama; ``mntp``: LLM2Vec's masked next-token prediction, its loss normalised by the global count of masked
+    tokens): only the LoRA weights train, the frozen base is compared too, FSDP2 shards the two decoder layers
     one by one; stage 2: vision tower, adapter and temperature on seeded Gaussian caption embeddings (the tiny
     BERT's are too alike for float32: see ``dist_worker.parallel_case``)."""
     report = json.loads((two_rank_results / f"{stage}_parallel.json").read_text())
     worst = check_report(report, loss_params=stage == "clip")
     print(stage, {k: f"{v:.1e}" for k, v in worst.items()})
     trained = [k for k in report["moved_f32"] if k not in report["frozen"]]
-    if stage == "llm":
+    if stage in ("llm", "mntp"):
         assert trained and all("lora_" in k for k in trained)  # only the LoRA weights train in stage 1
         assert any("base_layer" in k for k in report["frozen"])  # the frozen base weights are compared too
         assert report["sharded_fsdp"] == report["sharded_hsdp"] == 2 + 1  # the two decoder layers and the root

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_core.data.adapters import read_caption
+from vlp_core.distributed.utils import all_reduce_sum, get_world_size
 from vlp_core.method import LossOutput
 from vlp_llm2clip.encoder import (
     decoder_layers,
@@ -148,8 +149,14 @@ class MntpModel(nn.Module):
 
 
 class MntpLoss(nn.Module):
-    """Mean cross-entropy over the selected positions: ``nll_sum / selected`` (the model's sums), or from
-    ``logits`` [M, V] or [B, L, V] with ``IGNORE`` labels."""
+    """Mean cross-entropy over the selected positions of the global batch: ``nll_sum / selected`` (the model's
+    sums), or from ``logits`` [M, V] or [B, L, V] with ``IGNORE`` labels.
+
+    Across ranks the count is the global one (one all-reduce of a 0-dim tensor, on the device): each rank's
+    loss is ``W * nll_sum_r / selected_all``, so DDP's gradient mean over the W ranks is the single process's
+    ``sum_r nll_sum_r / selected_all``, whatever the ranks' own counts. (LLM2Vec's trainer divides by each
+    rank's own count before averaging, which weights a rank's tokens by how few it selected.)
+    """
 
     def forward(self, features: dict[str, Any], batch: dict[str, Any]) -> LossOutput:
         if "nll_sum" in features:
@@ -159,5 +166,8 @@ class MntpLoss(nn.Module):
             total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                                     reduction="sum")
             count = (labels != IGNORE).sum()
+        world = get_world_size()
+        if world > 1:
+            count = all_reduce_sum(count.detach().clone()) / world
         loss = total / count.clamp(min=1)  # no NaN for a batch without selected tokens
         return LossOutput(loss, {"loss_mntp": loss.detach()})

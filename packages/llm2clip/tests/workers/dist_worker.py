@@ -12,7 +12,8 @@ computed before the process group exists, rank 0's report saved as ``<job>.json`
 :func:`vlp_core.testing.parallel.check_report`.
 
 Usage: dist_worker.py OUT_DIR llm=TEXT_MODEL clip=TEXT_MODEL [llm_accum=... clip_accum=...]
-[world=WORLD llm_parallel=TEXT_MODEL clip_parallel=TEXT_MODEL] (writes OUT_DIR/<job>.pt or .json)
+[world=WORLD llm_parallel=TEXT_MODEL mntp_parallel=TEXT_MODEL clip_parallel=TEXT_MODEL]
+(writes OUT_DIR/<job>.pt or .json)
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ def parallel_case(stage: str, text_model: str, world: str):
     from vlp_core.testing.parallel_worker import build_case
 
     common = [f"loss.text_model={text_model}", f"model.text.tokenizer={text_model}"]
-    if stage == "llm":
+    if stage in ("llm", "mntp"):  # mntp: the same with LLM2Vec's masked next-token prediction
+        objective = ["loss.objective=mntp"] if stage == "mntp" else []
         return build_case("vlp_llm2clip:LLM_METHOD", world, preset="llm_smoke", dtypes=("f32",),
-                          overrides=[*common, "loss.lora_dropout=0.0", "optim.warmup_steps=1"],
+                          overrides=[*common, "loss.lora_dropout=0.0", "optim.warmup_steps=1", *objective],
                           prepare=nonzero_lora_b)
     case = build_case("vlp_llm2clip", world, preset="smoke", dtypes=("f32",),
                       overrides=[*common, f"data.world_dir={world}"])
