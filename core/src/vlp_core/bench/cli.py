@@ -29,7 +29,7 @@ The bench file (YAML) declares the comparison, e.g.:
   set: {data.workers: 1}           # further --set for every run
   runs:
     - {name: clip, method: clip, preset: demo}
-    - {name: siglip, method: clip, preset: siglip_demo, set: {loss.siglip_init_bias: -4}}
+    - {name: siglip, method: clip, preset: siglip_demo}
 
 Run keys: name, method (a vlp.methods name: clip, llip, alip, dreamlip, lcl, llm2clip, ...), preset, set
 (mapping or list of key=value), args (extra CLI arguments), script (a console script with the train CLI to run
