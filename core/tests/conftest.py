@@ -5,7 +5,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_EVAL = {"zeroshot_shape": 60, "zeroshot_color": 64, "zeroshot_color_shape": 96, "retrieval": 50,
-             "compositional": 40}
+             "compositional": 40, "retrieval_multi": 40}
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -21,7 +22,7 @@ from vlp_core.data.tokenizer import Tokenizer
 
 SMALL_EVAL = {
     "zeroshot_shape": 12, "zeroshot_color": 16, "zeroshot_color_shape": 48, "retrieval": 10,
-    "compositional": 10, "retrieval_long": 6,
+    "compositional": 10, "retrieval_long": 6, "retrieval_multi": 12,
 }
 ROW_OF = {"top": 0, "middle": 1, "bottom": 2}
 COL_OF = {"left": 0, "center": 1, "right": 2}
@@ -199,6 +200,60 @@ def test_retrieval_and_compositional(world: Path) -> None:
         assert meta["negative"] == swapped != meta["positive"]
 
 
+def test_retrieval_multi(world: Path) -> None:
+    folder = world / "eval" / "retrieval_multi"
+    assert json.loads((folder / "set.json").read_text()) == {"match": "text"}
+    counts = Counter()
+    for i, s in enumerate(_samples(folder)):
+        meta = json.loads(s["json"])
+        caps, objs = meta["captions"], meta["objects"]
+        counts[len(objs)] += 1
+        assert 2 <= len(objs) <= 3
+        assert len({o["color"] for o in objs}) == len({o["shape"] for o in objs}) == len(objs)
+        assert len({(o["row"], o["col"]) for o in objs}) == len(objs)
+        assert len(caps) == len(objs)
+        for cap, o in zip(caps, objs):
+            # Parsed back independently: exactly this object, and no word of another object's colour or shape.
+            m = re.fullmatch(r"a (small|large) (\w+) (\w+) (?:at the|on the|in the) (.+)", cap)
+            assert m and m.groups() == (o["size"], o["color"], o["shape"], _phrase(o)), (cap, o)
+            others = {w for x in objs if x is not o for w in (x["color"], x["shape"])}
+            assert not others & set(cap.split()), (cap, objs)
+        # The shard sample is the one make_eval_sample gives for (seed, index), whatever the other splits.
+        assert s["jpg"] == S.make_eval_sample("retrieval_multi", 3, i)["jpg"]
+        assert s["json"].decode() == S.make_eval_sample("retrieval_multi", 3, i)["json"]
+    assert set(counts) == {2, 3}
+    a, b = S.make_eval_sample("retrieval_multi", 0, 5), S.make_eval_sample("retrieval_multi", 0, 5)
+    assert a == b and a["json"] != S.make_eval_sample("retrieval_multi", 1, 5)["json"]
+    # Its own stream: not the image of any other set's sample with the same seed and index.
+    for name in ("retrieval", "retrieval_long", "compositional"):
+        assert S.make_eval_sample(name, 0, 5)["jpg"] != a["jpg"]
+
+
+# sha256 (first 16 hex digits) of the json of samples from before retrieval_multi existed (world version 2): the
+# older sets keep their streams. Only the metadata is pinned (the JPEG bytes depend on the JPEG library); it
+# holds every object the sample's generator drew, so a shifted stream changes it.
+OLD_SAMPLES = {
+    ("train", 0): "4b446297767077e8", ("train", 7): "72d7e74c035bc47d",
+    ("retrieval", 0): "6bda1e60b4e823a4", ("retrieval", 7): "b3d2c5055c7fd1aa",
+    ("retrieval_long", 0): "b8fc80facf9a37a7", ("retrieval_long", 7): "54359190d619e5b2",
+    ("compositional", 0): "0660e73ad82ed258", ("compositional", 7): "a1cde4e8ea95fe61",
+    ("zeroshot_color_shape", 3): "2ff71576ef1f0fe9", ("zeroshot_color_shape", 11): "1c2fc9b9683fa270",
+    ("zeroshot_shape", 3): "5056d346dab7172b", ("docs", 0): "b437c5215636afed", ("docs", 7): "4f978db3bf8a07e8",
+}
+
+
+@pytest.mark.parametrize("split, index", sorted(OLD_SAMPLES))
+def test_older_sets_are_unchanged(split: str, index: int) -> None:
+    if split == "train":
+        sample = S.make_train_sample(0, index, noise=0.5)
+    elif split == "docs":
+        sample = S.make_document(0, index)
+    else:
+        label = {"zeroshot_color_shape": 5, "zeroshot_shape": 2}.get(split, 0)
+        sample = S.make_eval_sample(split, 0, index, label)
+    assert hashlib.sha256(sample["json"].encode()).hexdigest()[:16] == OLD_SAMPLES[split, index]
+
+
 def test_docs(world: Path) -> None:
     for s in _samples(world / "docs"):
         doc = json.loads(s["json"])
@@ -227,8 +282,9 @@ def test_world_tokenizer_covers_all_text(world: Path) -> None:
         texts += [m["raw"], m["clean"], m["long"]]
     for s in _samples(world / "docs"):
         texts += json.loads(s["json"])["text_list"]
-    for s in _samples(world / "eval" / "retrieval"):
-        texts += json.loads(s["json"])["captions"]
+    for name in ("retrieval", "retrieval_long", "retrieval_multi"):
+        for s in _samples(world / "eval" / name):
+            texts += json.loads(s["json"])["captions"]
     for name in ("zeroshot_shape", "zeroshot_color", "zeroshot_color_shape"):
         cls = json.loads((world / "eval" / name / "classes.json").read_text())
         texts += [t.format(c) for t in cls["templates"] for c in cls["classnames"]]

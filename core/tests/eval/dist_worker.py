@@ -22,7 +22,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    cfg = EvalConfig(zeroshot="zeroshot_color", batch_size=3)
+    cfg = EvalConfig(zeroshot="zeroshot_color", retrieval="retrieval,retrieval_text", batch_size=3)
     model = DummyModel(image_size=16, dim=8, seed=0)
     out = run_evaluation(
         EmbeddingScorer(model),
@@ -42,6 +42,11 @@ def main() -> None:
     )
     states = retrieval_metrics_from_states(img, txt, c2i, lambda a, b: a @ b.T, chunk_size=4)
     out.update({f"states/{k}": v for k, v in states.items()})
+    # Matched by text: 25 captions over 7 text rows (row 6 has none), queries split between the ranks.
+    c2t = torch.randint(0, 6, (25,), generator=g)
+    txt_T = torch.randint(-1, 2, (7, 2), generator=g).float()
+    by_text = retrieval_metrics_from_states(img, txt_T, c2i, lambda a, b: a @ b.T, caption_to_text_M=c2t, chunk_size=4)
+    out.update({f"states_text/{k}": v for k, v in by_text.items()})
     (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 

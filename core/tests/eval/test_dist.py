@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from vlp_eval_testutils import DummyModel, WordTokenizer, write_tiny_eval_sets
+from vlp_eval_testutils import DummyModel, WordTokenizer, write_text_match_set, write_tiny_eval_sets
 
 from vlp_core.config import EvalConfig
 from vlp_core.eval import EmbeddingScorer, retrieval_metrics_from_states, run_evaluation
@@ -26,6 +26,7 @@ def _free_port() -> int:
 @pytest.mark.dist
 def test_two_rank_evaluation_equals_single_process(tmp_path: Path) -> None:
     write_tiny_eval_sets(tmp_path / "world")
+    write_text_match_set(tmp_path / "world" / "eval" / "retrieval_text")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     here = Path(__file__).parent
@@ -49,7 +50,7 @@ def test_two_rank_evaluation_equals_single_process(tmp_path: Path) -> None:
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
 
-    cfg = EvalConfig(zeroshot="zeroshot_color", batch_size=3)
+    cfg = EvalConfig(zeroshot="zeroshot_color", retrieval="retrieval,retrieval_text", batch_size=3)
     single = run_evaluation(
         EmbeddingScorer(DummyModel(image_size=16, dim=8, seed=0)),
         WordTokenizer(8),
@@ -67,7 +68,13 @@ def test_two_rank_evaluation_equals_single_process(tmp_path: Path) -> None:
     )
     states = retrieval_metrics_from_states(img, txt, c2i, lambda a, b: a @ b.T, chunk_size=4)
     single.update({f"states/{k}": v for k, v in states.items()})
+    c2t = torch.randint(0, 6, (25,), generator=g)
+    txt_T = torch.randint(-1, 2, (7, 2), generator=g).float()
+    by_text = retrieval_metrics_from_states(img, txt_T, c2i, lambda a, b: a @ b.T, caption_to_text_M=c2t, chunk_size=4)
+    single.update({f"states_text/{k}": v for k, v in by_text.items()})
     assert set(ranks[0]) == set(single)
     for key, value in single.items():
         assert ranks[0][key] == pytest.approx(value, abs=1e-9), key
     assert single["retrieval/skipped"] == 1
+    assert single["retrieval_text/n_texts"] == 5 and single["retrieval_text/n_images"] == 6
+    assert single["states_text/n_texts"] == len(set(c2t.tolist()))

@@ -103,6 +103,19 @@ def retrieval_samples(n: int, seed: int = 0) -> tuple[list[dict], list[list[str]
     return samples, caps
 
 
+# Captions that repeat across images (5 unique texts over 9 captions), as in the shapes world's retrieval_multi.
+TEXT_MATCH_CAPTIONS = [["red circle", "blue square"], ["red circle"], ["green star", "blue square"],
+                       ["red circle", "small cross"], ["green star"], [], ["tiny dot"]]
+
+
+def write_text_match_set(folder: Path) -> None:
+    """A retrieval set whose ``set.json`` asks for matching by caption text (captions of TEXT_MATCH_CAPTIONS)."""
+    samples = [{"jpg": jpeg_bytes(300 + i), "json": json.dumps({"captions": c})}
+               for i, c in enumerate(TEXT_MATCH_CAPTIONS)]
+    write_shards(folder, samples, max_count=3)
+    (folder / "set.json").write_text(json.dumps({"match": "text"}))
+
+
 def write_zeroshot(folder: Path, n: int, classnames: list[str], templates: list[str], seed: int = 0):
     rng = np.random.default_rng(seed)
     labels = [int(rng.integers(0, len(classnames))) for _ in range(n)]

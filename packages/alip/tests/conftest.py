@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_EVAL = {"zeroshot_shape": 60, "zeroshot_color": 64, "zeroshot_color_shape": 96, "retrieval": 50,
-             "compositional": 40}
+             "compositional": 40, "retrieval_multi": 8}
 
 
 @pytest.fixture(scope="session")

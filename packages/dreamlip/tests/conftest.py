@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent / "workers"))  # the float64 references
 
 TINY_EVAL = {"zeroshot_shape": 60, "zeroshot_color": 64, "zeroshot_color_shape": 96, "retrieval": 50,
-             "compositional": 40, "retrieval_long": 50}
+             "compositional": 40, "retrieval_long": 50, "retrieval_multi": 8}
 
 
 @pytest.fixture(scope="session")

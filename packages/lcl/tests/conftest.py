@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py (pytest runs 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_EVAL = {"zeroshot_shape": 30, "zeroshot_color": 32, "zeroshot_color_shape": 48, "retrieval": 20,
-             "compositional": 10}
+             "compositional": 10, "retrieval_multi": 8}
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))  # llip_reference, shared with the torchrun worker
 
 TINY_EVAL = {"zeroshot_shape": 60, "zeroshot_color": 64, "zeroshot_color_shape": 96, "retrieval": 50,
-             "compositional": 40}
+             "compositional": 40, "retrieval_multi": 40}
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def test_train_then_eval_report_zero_shot_and_retrieval(tiny_world: Path, tmp_pa
     assert train_main(smoke(tiny_world, tmp_path / "run")) == 0
     got = results(capsys.readouterr().out)
     for key in ("zeroshot_shape/top1", "zeroshot_color_shape/top1", "retrieval/i2t_R@1", "retrieval/t2i_R@5",
-                "compositional/accuracy"):
+                "retrieval_multi/i2t_R@1", "retrieval_multi/t2i_R@5", "compositional/accuracy"):
         assert 0.0 <= got[key] <= 100.0, key
     assert got["retrieval/n_images"] == 50
     assert eval_main([str(tmp_path / "run")]) == 0

@@ -117,6 +117,18 @@ def test_average_variants_are_the_uniform_and_learned_mixtures() -> None:
     assert (learned.encode_image(b["images"]) - uniform).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("std", [None, 1e-6, 0.5])
+def test_mixture_tokens_start_at_the_configured_std(std: float | None) -> None:
+    cfg = METHOD.preset("smoke")
+    cfg.model.vision.extra_tokens, cfg.model.vision.width = 64, 64  # 4096 draws: the sample std within 5%
+    cfg.loss.token_init_std = std
+    torch.manual_seed(0)
+    tokens = LlipModel(cfg.model, cfg.loss, vocab_size=50, pad_id=0).visual.trunk.reg_token
+    want = 64**-0.5 if std is None else std  # None: Llip's width**-0.5
+    assert tokens.shape == (1, 64, 64)
+    assert abs(tokens.std().item() / want - 1) < 0.05 and abs(tokens.mean().item()) < 0.1 * want
+
+
 def test_llip_has_no_single_image_vector() -> None:
     with pytest.raises(ValueError, match="no single image vector"):
         tiny_model().encode_image(batch(2)["images"])
@@ -129,7 +141,8 @@ def test_llip_has_no_single_image_vector() -> None:
      ("model.vision.pool", "token", "model.vision.pool"),
      ("model.embed_dim", 30, "loss.heads"),
      ("loss.tau", 0.0, "loss.tau"),
-     ("loss.chunk", 0, "loss.chunk")],
+     ("loss.chunk", 0, "loss.chunk"),
+     ("loss.token_init_std", -1.0, "loss.token_init_std")],
 )
 def test_bad_settings_name_the_key(key: str, value: object, message: str) -> None:
     cfg = METHOD.preset("smoke")

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_EVAL = {"zeroshot_shape": 12, "zeroshot_color": 16, "zeroshot_color_shape": 48, "retrieval": 24,
-             "compositional": 8, "retrieval_long": 24}
+             "compositional": 8, "retrieval_long": 24, "retrieval_multi": 8}
 
 
 def save_tiny_model(folder: Path, family: str, seed: int = 0) -> Path:

@@ -6,7 +6,10 @@ about its main object, optionally corrupted with probability ``noise``; a ``clea
 a multi-sentence ``long`` one with relations), so that caption-noise and caption-rewriting methods have
 something to fix. The world also holds MMC4-style interleaved documents and held-out evaluation sets
 (zero-shot classification, retrieval with short and with long captions, attribute-swap
-compositionality).
+compositionality, and ``retrieval_multi``: images of 2-3 objects with distinct colours and shapes, one
+caption per object naming only that object, for caption-conditioned image embeddings such as Llip's).
+The same single-object caption text recurs across ``retrieval_multi``'s images, so its ``set.json``
+(``{"match": "text"}``) asks the retrieval evaluation to count a hit by caption text rather than by image.
 
 Determinism: every sample draws from its own generator seeded with ``(seed, stream, index)``, so a sample
 does not depend on the sizes of the other splits, and the evaluation streams never coincide with training.
@@ -46,11 +49,14 @@ __all__ = [
     "ZEROSHOT_TEMPLATES", "sample_objects", "render_sample", "raw_caption", "clean_caption", "long_sentences",
     "long_caption", "retrieval_captions", "swap_colors", "vocabulary_corpus", "generate_world",
     "generate_world_atomic", "default_world_dir", "ensure_world", "default_workers", "is_world",
+    "object_caption", "SET_META",
 ]
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 2  # 2: adds the long-caption retrieval set
+# 2: adds the long-caption retrieval set
+# 3: adds the multi-object single-object caption retrieval set
+WORLD_VERSION = 3
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hexagon")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
 # Saturated colours far from the grey backgrounds (whose channels stay within ~15..140 before noise).
@@ -64,11 +70,13 @@ ROWS: tuple[str, ...] = ("top", "middle", "bottom")
 COLS: tuple[str, ...] = ("left", "center", "right")
 _NUMBER = ("zero", "one", "two", "three")
 _STREAMS = {"train": 0, "docs": 1, "zeroshot_shape": 2, "zeroshot_color": 3, "zeroshot_color_shape": 4,
-            "retrieval": 5, "compositional": 6, "retrieval_long": 7}
+            "retrieval": 5, "compositional": 6, "retrieval_long": 7, "retrieval_multi": 8}
 # Balanced defaults: 996 = 166 x 6 shapes, 1000 = 125 x 8 colours, 960 = 20 x 48 colour-shapes.
 DEFAULT_EVAL_SIZES: dict[str, int] = {"zeroshot_shape": 996, "zeroshot_color": 1000,
                                       "zeroshot_color_shape": 960, "retrieval": 1000, "compositional": 500,
-                                      "retrieval_long": 1000}
+                                      "retrieval_long": 1000, "retrieval_multi": 1000}
+# ``set.json`` of the evaluation sets that need one: how the retrieval evaluation counts a hit.
+SET_META: dict[str, dict[str, str]] = {"retrieval_multi": {"match": "text"}}
 ZEROSHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
     # Shape and colour-shape class names are nouns ("star", "red star").
     "noun": ("a photo of a {}.", "a {}.", "a picture of a {}.", "a {} on a noisy background.",
@@ -155,7 +163,12 @@ def main_object(objects: list[Obj]) -> Obj:
 
 def clean_caption(objects: list[Obj]) -> str:
     """ "a large red circle at the top left and a small blue star in the center." """
-    return _join([f"a {_describe(o)} {location(o)}" for o in objects]) + "."
+    return _join([object_caption(o) for o in objects]) + "."
+
+
+def object_caption(obj: Obj) -> str:
+    """One object only, with its size, colour, shape and place: "a large red star at the top left"."""
+    return f"a {_describe(obj)} {location(obj)}"
 
 
 def long_sentences(objects: list[Obj]) -> list[str]:
@@ -448,6 +461,12 @@ def make_eval_sample(
         # long-caption retrieval of DreamLIP and LLM2CLIP. Same reader as ``retrieval``.
         objects = sample_objects(rng, int(rng.integers(1, 4)))
         meta = {"captions": [long_caption(objects)], "objects": objects}
+    elif name == "retrieval_multi":
+        # 2-3 distinguishable objects, one caption per object naming only it: several distinct true
+        # captions per image (caption-conditioned embeddings). A caption text recurs across images, so
+        # the set is evaluated by text (``SET_META``). Same reader as ``retrieval``.
+        objects = sample_objects(rng, int(rng.integers(2, 4)), distinct_colors=True, distinct_shapes=True)
+        meta = {"captions": [object_caption(o) for o in objects], "objects": objects}
     elif name == "compositional":
         objects = sample_objects(rng, 2, distinct_colors=True, distinct_shapes=True)
         meta = {
@@ -523,9 +542,10 @@ def generate_world(
     """Write the shapes world into ``root`` (created; existing files are overwritten) and return it.
 
     Layout: ``train/`` and ``docs/`` shards, ``eval/<set>/`` shards (plus ``classes.json`` for zero-shot
-    sets), ``tokenizer.json``, ``sizes.json`` (samples per split) and ``world.json`` (parameters; written
-    last, so its presence marks a complete world). An evaluation size of 0 leaves that set out. The output
-    is identical for any ``workers`` (every sample has its own seed; chunks are written in order).
+    sets and ``set.json`` for the sets of :data:`SET_META`), ``tokenizer.json``, ``sizes.json`` (samples
+    per split) and ``world.json`` (parameters; written last, so its presence marks a complete world). An
+    evaluation size of 0 leaves that set out. The output is identical for any ``workers`` (every sample has
+    its own seed; chunks are written in order).
     """
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"shapes world noise must be in [0, 1], got {noise}")
@@ -560,6 +580,9 @@ def generate_world(
             (folders[split] / "classes.json").write_text(
                 json.dumps({"classnames": classnames, "templates": list(templates)}, indent=1)
             )
+        if split in SET_META:
+            folders[split].mkdir(parents=True, exist_ok=True)
+            (folders[split] / "set.json").write_text(json.dumps(SET_META[split], indent=1))
         jobs += [
             (split, seed, a, min(a + _CHUNK, n), noise, image_size, labels[a : a + _CHUNK])
             for a in range(0, n, _CHUNK)

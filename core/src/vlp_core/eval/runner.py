@@ -3,11 +3,14 @@
 Shape legend:
     (no tensors are handled here beyond scalar counts)
 
-Sets live in ``<root>/eval/<name>/`` (the layout ``vlp-data synth`` writes). ``cfg.data``, when set,
-replaces ``root``; it may name either the world root or its ``eval`` folder itself. Besides those:
-``cfg.imagefolder`` (an ImageFolder root; ImageNet when its class folders are WordNet ids, named
-``imagenet``, else after the folder) and ``cfg.wds`` (CLIP_benchmark webdataset sets, see
-:mod:`vlp_core.eval.clip_benchmark`; named after their folders, ``wds_`` dropped, or ``name=folder``).
+Sets live in ``<root>/eval/<name>/`` (the layout ``vlp-data synth`` writes). A retrieval set's optional
+``set.json`` ``{"match": "text"}`` counts its hits by caption text (``match`` of
+:func:`vlp_core.eval.retrieval_eval`; the shapes world's ``retrieval_multi``), ``"image"`` (the default)
+by each caption's own image. ``cfg.data``, when set, replaces ``root``; it may name either the world root
+or its ``eval`` folder itself. Besides those: ``cfg.imagefolder`` (an ImageFolder root; ImageNet when its
+class folders are WordNet ids, named ``imagenet``, else after the folder) and ``cfg.wds`` (CLIP_benchmark
+webdataset sets, see :mod:`vlp_core.eval.clip_benchmark`; named after their folders, ``wds_`` dropped, or
+``name=folder``).
 
 Images are resized to ``image_size`` with ``interpolation`` and normalised with ``mean``/``std``: pass the
 model's ``model.vision`` values (:func:`preprocess_kwargs` builds them from a ``VisionConfig``).
@@ -15,9 +18,10 @@ model's ``model.vision`` values (:func:`preprocess_kwargs` builds them from a ``
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -81,6 +85,21 @@ def _set_folder(eval_dir: Path, name: str, kind: str) -> Path:
     if not folder.is_dir():
         raise ValueError(f"{kind} eval set '{name}' not found: {folder}")
     return folder
+
+
+def _retrieval_match(folder: Path) -> Literal["image", "text"]:
+    """``match`` of a retrieval set's optional ``set.json``: "image" (also when absent) or "text"."""
+    path = folder / "set.json"
+    if not path.is_file():
+        return "image"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    match = meta.get("match", "image") if isinstance(meta, dict) else None
+    if match not in ("image", "text"):
+        raise ValueError(f"{path}: 'match' must be 'image' or 'text', got {match!r}")
+    return "text" if match == "text" else "image"
 
 
 def _progress(batches: Iterable[T], desc: str, enabled: bool) -> Iterable[T]:
@@ -156,6 +175,7 @@ def run_evaluation(
     # Resolve every folder first: a typo in the last name should fail before minutes of evaluation.
     zeroshot = [(n, _set_folder(eval_dir, n, "zero-shot")) for n in split_names(cfg.zeroshot)]
     retrieval = [(n, _set_folder(eval_dir, n, "retrieval")) for n in split_names(cfg.retrieval)]
+    retrieval_match = {n: _retrieval_match(folder) for n, folder in retrieval}
     compositional = [(n, _set_folder(eval_dir, n, "compositional")) for n in split_names(cfg.compositional)]
     if cfg.imagefolder and not Path(cfg.imagefolder).is_dir():
         raise ValueError(f"eval.imagefolder root not found: {cfg.imagefolder}")
@@ -207,7 +227,8 @@ def run_evaluation(
     for name, folder in retrieval:
         batches, captions, caption_to_image = load_retrieval_shards(folder, **common)
         metrics = retrieval_eval(
-            scorer, _progress(batches, name, show), captions, caption_to_image, tokenizer, **run_kw
+            scorer, _progress(batches, name, show), captions, caption_to_image, tokenizer,
+            match=retrieval_match[name], **run_kw,
         )
         record(name, {**metrics, "skipped": _skipped(batches, device)})
 

@@ -28,6 +28,8 @@ class LlipConfig:
     use_norm: bool = False  # LayerNorm(D) on K, Q and V (the H/14 and G/14 configs)
     init_logit_scale: float = math.log(1 / 0.07)
     init_bias: float = -10.0
+    # Std of the K mixture tokens' initialisation; None: Llip's width**-0.5 (the official OpenAI-layout tower).
+    token_init_std: float | None = None
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped to [1, max_logit_scale]
     chunk: int = 128  # side of the image x text blocks of the pairwise loss and of evaluation scoring
     checkpoint_blocks: bool = True  # recompute each block in backward instead of storing it
@@ -44,5 +46,7 @@ class LlipConfig:
             raise ValueError(f"loss.tau must be positive, got {self.tau}")
         if self.chunk <= 0:
             raise ValueError(f"loss.chunk must be positive, got {self.chunk}")
+        if self.token_init_std is not None and not self.token_init_std >= 0:
+            raise ValueError(f"loss.token_init_std must be >= 0 (or null for width**-0.5), got {self.token_init_std}")
         if not self.max_logit_scale > 1:
             raise ValueError(f"loss.max_logit_scale must be > 1, got {self.max_logit_scale}")

@@ -104,7 +104,9 @@ class LlipModel(nn.Module):
         self.num_tokens, self.embed_dim = K, D
         trunk = self.visual.trunk
         if getattr(trunk, "reg_token", None) is not None and not model_cfg.vision.pretrained:
-            nn.init.normal_(trunk.reg_token, std=Wv**-0.5)  # the mixture tokens, initialised as in Llip
+            # The mixture tokens: Llip's width**-0.5 unless loss.token_init_std says otherwise (the demo).
+            std = Wv**-0.5 if llip.token_init_std is None else llip.token_init_std
+            nn.init.normal_(trunk.reg_token, std=std)
         self.text_projection = nn.Linear(Wt, D, bias=False)  # the contrastive target
         nn.init.normal_(self.text_projection.weight, std=Wt**-0.5)
         self.q_proj: nn.Linear | None = None
