@@ -104,10 +104,11 @@ def test_no_batch_by_batch_by_dim_tensor_in_forward_or_backward(chunk: int) -> N
 
 
 def test_logit_scale_and_bias_initialisation_and_clamp() -> None:
-    cfg = METHOD.preset("demo").loss
+    cfg = METHOD.preset("llip_b16_k32").loss  # the paper's initialisation
     loss = LlipLoss(cfg)
     assert loss.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     assert loss.logit_bias.item() == -10.0
+    assert LlipLoss(METHOD.preset("demo").loss).logit_bias.item() == -4.0  # the demo's choice
     with torch.no_grad():
         loss.logit_scale.fill_(7.0)
     clamped = loss.clamped_scale()
