@@ -83,36 +83,29 @@ def _run(scores_NU: torch.Tensor, captions: list[list[str]], texts: list[str], m
     )
 
 
+def _fair_recall(scores_QP: np.ndarray, right_QP: np.ndarray, k: int) -> float:
+    """Mean fair hit@k (percent) over the rows: candidates strictly above the best correct one, then a
+    random order of the ties at its score (exact fractions)."""
+    total = Fraction(0)
+    for row, right in zip(scores_QP, right_QP):
+        best = row[right].max()
+        greater = int((row > best).sum())
+        tr, tw = int((row[right] == best).sum()), int((row[~right] == best).sum())
+        total += fair_hit(greater, tw, tr, k)
+    return 100 * float(total) / len(scores_QP)
+
+
 def reference_text_match(
     scores_NU: np.ndarray, captions: list[list[str]], texts: list[str], ks: tuple[int, ...] = KS
 ) -> dict[str, float]:
-    """Plain loops: i2t over the unique texts (correct: one of the image's captions), t2i over the images
-    (correct: an image holding the text); ties broken fairly (exact fractions)."""
-    N, U = scores_NU.shape
-    out: dict[str, float] = {}
-    queries = [n for n in range(N) if captions[n]]
-    for k in ks:
-        total = Fraction(0)
-        for n in queries:
-            right = [u for u in range(U) if texts[u] in captions[n]]
-            best = max(scores_NU[n][u] for u in right)
-            greater = sum(1 for u in range(U) if scores_NU[n][u] > best)
-            tr = sum(1 for u in right if scores_NU[n][u] == best)
-            tw = sum(1 for u in range(U) if u not in right and scores_NU[n][u] == best)
-            total += fair_hit(greater, tw, tr, k)
-        out[f"i2t_R@{k}"] = 100 * float(total) / len(queries)
-    for k in ks:
-        total = Fraction(0)
-        for u in range(U):
-            right = [n for n in range(N) if texts[u] in captions[n]]
-            best = max(scores_NU[n][u] for n in right)
-            greater = sum(1 for n in range(N) if scores_NU[n][u] > best)
-            tr = sum(1 for n in right if scores_NU[n][u] == best)
-            tw = sum(1 for n in range(N) if n not in right and scores_NU[n][u] == best)
-            total += fair_hit(greater, tw, tr, k)
-        out[f"t2i_R@{k}"] = 100 * float(total) / U
+    """Plain loops: i2t over the images with a caption (correct: a text among the image's captions), t2i
+    over the unique texts (correct: an image holding the text); ties broken fairly."""
+    right_NU = np.array([[t in caps for t in texts] for caps in captions], dtype=bool)
+    queries = right_NU.any(axis=1)
+    out = {f"i2t_R@{k}": _fair_recall(scores_NU[queries], right_NU[queries], k) for k in ks}
+    out |= {f"t2i_R@{k}": _fair_recall(scores_NU.T, right_NU.T, k) for k in ks}
     out["mean_recall"] = float(np.mean(list(out.values())))
-    out["n_images"], out["n_texts"] = float(len(queries)), float(U)
+    out["n_images"], out["n_texts"] = float(queries.sum()), float(len(texts))
     return out
 
 
