@@ -109,6 +109,9 @@ def test_logit_scale_and_bias_initialisation_and_clamp() -> None:
     assert loss.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     assert loss.logit_bias.item() == -10.0
     assert LlipLoss(METHOD.preset("demo").loss).logit_bias.item() == -4.0  # the demo's choice
+    register = LlipLoss(METHOD.preset("register_demo").loss)  # SigLIP on one token: SigLIP's scale 10
+    assert register.logit_scale.item() == pytest.approx(math.log(10))
+    assert register.logit_bias.item() == -4.0
     with torch.no_grad():
         loss.logit_scale.fill_(7.0)
     clamped = loss.clamped_scale()
