@@ -93,9 +93,9 @@ def main() -> None:
     eval_size = [m["objects"][0]["size"] for m in eval_meta]
     by_size = {size: torch.tensor([s == size for s in eval_size]) for size in ("small", "large")}
 
-    if a.stem != "preset":
-        cfg.model.vision.stem = a.stem
     if a.tower == "demo":
+        if a.stem != "preset":
+            cfg.model.vision.stem = a.stem
         tower = build_vision_tower(cfg.model.vision)
         features = lambda x: tower(x).pooled  # noqa: E731
         width = tower.width

@@ -52,7 +52,8 @@ def register_demo() -> RunConfig:
     """The ablation baseline at equal token count: SigLIP on the first of the same K tokens.
 
     It is SigLIP, so its logit scale starts at SigLIP's 10 (Llip's ``demo`` keeps the paper's 14.3): at seed 1
-    it reaches i2t R@1 38.9% from 10 and 12.1% from 14.3, and the core's SigLIP on the same token 32.9%.
+    it reaches i2t R@1 38.9% from 10 and 12.1% from 14.3, and the core's SigLIP on the same token 32.9%. It
+    still stalls at some seeds: 2.7 / 38.9 / 18.5% at seeds 0 / 1 / 2 (README, ``bench/llip_vs_register.yaml``).
     """
     cfg = demo()
     cfg.loss.variant = "register"
