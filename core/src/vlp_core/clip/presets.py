@@ -13,9 +13,11 @@ __all__ = ["PRESETS", "demo", "siglip_demo", "smoke", "vit_b32", "siglip_b16"]
 def demo() -> RunConfig:
     """Tiny dual encoder on the shapes world: under 5 minutes on 2 CPU cores, then zero-shot and retrieval.
 
-    A convolutional stem with average pooling learns shapes far faster than a linear patch embedding on
-    this little data (a supervised probe: 87% vs 31% shape accuracy after 240 steps); clean captions, which
-    name every object, give the best retrieval at this budget.
+    A convolutional stem with average pooling. Neither it nor timm's linear patch embedding learns *shape* in
+    this budget: a supervised probe (``tools/shape_probe.py``, shape labels only, 300 steps of batch 128) ends
+    at 21.7% with it and 20.4% with the linear stem on the colour x shape set (chance 16.7%; small / large
+    objects 18.9 / 24.6% and 18.0 / 22.9%; root README). Clean captions, which name every object, give the best
+    retrieval at this budget.
     """
     cfg = RunConfig(loss=ClipConfig(caption_keys="json.clean"))
     v, t = cfg.model.vision, cfg.model.text
