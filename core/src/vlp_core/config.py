@@ -216,6 +216,9 @@ class EvalConfig:
     zeroshot: str = "zeroshot_shape,zeroshot_color,zeroshot_color_shape"
     retrieval: str = "retrieval"
     compositional: str = "compositional"
+    # Zero-shot sets whose images also fit a linear probe on the frozen image tower (``model.visual``; patch mean
+    # + class token, float64 L-BFGS, every 3rd image held out): "<set>/probe_top1". Empty: none.
+    linear_probe: str = ""
     imagefolder: str = ""  # an ImageFolder root for extra zero-shot classification (ImageNet wnid folders too)
     # CLIP_benchmark webdataset sets: folders joined with ',' (each optionally 'name=folder').
     wds: str = ""

@@ -109,3 +109,25 @@ def test_tensorboard_holds_scalars_and_image_grid(tiny_world, tmp_path):
     lrs = [e.value for e in acc.Scalars("train/lr")]
     assert len(lrs) == 4 and lrs[0] != lrs[-1]
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_periodic_linear_probe_equals_the_standalone_probe(tiny_world, tmp_path):
+    """``eval.linear_probe`` logs, at each evaluation, what ``python -m vlp_core.eval.linear_probe`` gives on
+    that step's checkpoint (same tower, features, split and fit)."""
+    from vlp_core.eval.linear_probe import main as probe_main
+
+    run = tmp_path / "run"
+    done = clip_train(*smoke_args(tiny_world, run, "--steps", "4", "--set", "train.save_every=2",
+                                  "--set", "train.eval_every=2", "--set", "train.keep_checkpoints=5",
+                                  "--set", "eval.linear_probe=zeroshot_shape,zeroshot_color", evaluate=True))
+    assert done.returncode == 0, done.stderr
+    evals = {r["step"]: r for r in map(json.loads, (run / "eval.jsonl").read_text().splitlines())}
+    assert sorted(evals) == [2, 4]
+    for step, record in evals.items():
+        ckpt = dict(CheckpointManager(run / "checkpoints").list())[step]
+        out = tmp_path / f"probe{step}.json"
+        assert probe_main([str(ckpt), "--method", "clip", "--sets", "zeroshot_shape,zeroshot_color",
+                           "--output", str(out)]) == 0
+        standalone = json.loads(out.read_text())
+        assert {k: v for k, v in record.items() if "/probe_" in k} == standalone
+        assert 0 <= record["zeroshot_color/probe_top1"] <= 100 and record["zeroshot_shape/probe_n_test"] > 0

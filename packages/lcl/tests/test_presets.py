@@ -18,7 +18,7 @@ EXPECTED_PARAMS = {
     "lcl_b32_laion": 177_659_905,
     "lcl_b16_laion": 249_924_097,
     "lcl_b32_mmc4": 177_659_905 + (2048 - 128) * 512,
-    "demo": 723_393, "demo_gen_only": 723_393, "smoke": 67_041,
+    "demo": 723_393, "demo_gen_only": 723_393, "demo_docs": 723_393, "smoke": 67_041,
 }
 # Spec section 1.7 (millions, rounded to 0.01): total, ViT without proj, LM trunk + token/pos emb + text_proj,
 # attentive pooling, LM head.

@@ -129,6 +129,38 @@ def test_mixture_tokens_start_at_the_configured_std(std: float | None) -> None:
     assert abs(tokens.std().item() / want - 1) < 0.05 and abs(tokens.mean().item()) < 0.1 * want
 
 
+def test_shared_head_init_starts_as_one_projection_of_the_pooled_tokens() -> None:
+    """``loss.head_init='shared'``: at step 0 Llip's embedding is one value projection of the attention-pooled
+    tokens (plain float64 loop over the K tokens); the K projections then train independently."""
+    cfg = METHOD.preset("smoke")
+    cfg.loss.head_init, cfg.loss.tau = "shared", 2.0
+    torch.manual_seed(0)
+    model = LlipModel(cfg.model, cfg.loss, vocab_size=50, pad_id=0).to(F64)
+    head = model.mixture
+    for p in (head.k_proj, head.v_proj):
+        assert torch.equal(p, p[:1].expand_as(p)) and p.requires_grad and p.data_ptr() != p[1:].data_ptr()
+    assert torch.equal(head.out_proj.weight, torch.eye(cfg.model.embed_dim, dtype=F64))
+    b = batch(2)
+    h_BKW = model.mixture_tokens(b["images"])
+    query_BHd, _ = model.encode_text_pair(b["tokens"])
+    keys_BHKd, values_BHKD = head.keys(h_BKW), head.folded_values(h_BKW)
+    z = conditioned_embeddings(keys_BHKd, values_BHKD, query_BHd, model.tau)  # [V, T, D]
+    H, d = query_BHd.shape[1:]
+    for v in range(2):
+        for t in range(2):
+            want = []
+            for hh in range(H):
+                cols = slice(hh * d, (hh + 1) * d)
+                scores = [float((query_BHd[t, hh] @ (h_BKW[v, k] @ head.k_proj[0][:, cols])).detach()) / model.tau
+                          for k in range(h_BKW.shape[1])]
+                a = torch.softmax(torch.tensor(scores, dtype=F64), 0)
+                pooled = sum(a[k] * h_BKW[v, k] for k in range(h_BKW.shape[1]))
+                want.append(pooled @ head.v_proj[0][:, cols])
+            assert_close_rel(z[v, t], torch.cat(want), 1e-12, f"pair {v},{t}")
+    z.sum().backward()
+    assert not torch.equal(head.v_proj.grad[0], head.v_proj.grad[1])  # each token's projection has its own gradient
+
+
 def test_llip_has_no_single_image_vector() -> None:
     with pytest.raises(ValueError, match="no single image vector"):
         tiny_model().encode_image(batch(2)["images"])
@@ -142,7 +174,8 @@ def test_llip_has_no_single_image_vector() -> None:
      ("model.embed_dim", 30, "loss.heads"),
      ("loss.tau", 0.0, "loss.tau"),
      ("loss.chunk", 0, "loss.chunk"),
-     ("loss.token_init_std", -1.0, "loss.token_init_std")],
+     ("loss.token_init_std", -1.0, "loss.token_init_std"),
+     ("loss.head_init", "tied", "loss.head_init")],
 )
 def test_bad_settings_name_the_key(key: str, value: object, message: str) -> None:
     cfg = METHOD.preset("smoke")

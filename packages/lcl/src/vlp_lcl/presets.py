@@ -14,8 +14,8 @@ from vlp_core.config import RunConfig
 from vlp_core.convert.archs import openai_clip_config
 from vlp_lcl.config import LclConfig
 
-__all__ = ["PRESETS", "demo", "demo_gen_only", "smoke", "lcl_b32_laion", "lcl_b16_laion", "lcl_b32_mmc4",
-           "world_sources"]
+__all__ = ["PRESETS", "demo", "demo_gen_only", "demo_docs", "smoke", "lcl_b32_laion", "lcl_b16_laion",
+           "lcl_b32_mmc4", "world_sources"]
 
 _SHARD = 1000  # shapes-world shard size (vlp_core.data.synthetic.generate_world's default)
 _DOCS = 2000  # documents in the default shapes world
@@ -61,6 +61,14 @@ def demo_gen_only() -> RunConfig:
     """The demo with the contrastive term off (lambda = 0): the generation-only ablation."""
     cfg = demo()
     cfg.loss.contrastive_weight = 0.0
+    return cfg
+
+
+def demo_docs() -> RunConfig:
+    """The demo on the shapes world's interleaved documents alone (no image-caption pairs)."""
+    cfg = demo()
+    cfg.data.train_data = world_sources(cfg, pairs=False)
+    cfg.data.train_weights = ""
     return cfg
 
 
@@ -134,6 +142,7 @@ def lcl_b32_mmc4() -> RunConfig:
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "demo": demo,
     "demo_gen_only": demo_gen_only,
+    "demo_docs": demo_docs,
     "smoke": smoke,
     "lcl_b32_laion": lcl_b32_laion,
     "lcl_b16_laion": lcl_b16_laion,

@@ -30,6 +30,9 @@ class LlipConfig:
     init_bias: float = -10.0
     # Std of the K mixture tokens' initialisation; None: Llip's width**-0.5 (the official OpenAI-layout tower).
     token_init_std: float | None = None
+    # How the mixture head starts: "random" (the paper: K independent key/value draws, out_proj at D**-0.5) or
+    # "shared" (a demo choice: the K key/value projections start as copies of one draw, out_proj at the identity).
+    head_init: Literal["random", "shared"] = "random"
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped to [1, max_logit_scale]
     chunk: int = 128  # side of the image x text blocks of the pairwise loss and of evaluation scoring
     checkpoint_blocks: bool = True  # recompute each block in backward instead of storing it
@@ -48,5 +51,7 @@ class LlipConfig:
             raise ValueError(f"loss.chunk must be positive, got {self.chunk}")
         if self.token_init_std is not None and not self.token_init_std >= 0:
             raise ValueError(f"loss.token_init_std must be >= 0 (or null for width**-0.5), got {self.token_init_std}")
+        if self.head_init not in ("random", "shared"):
+            raise ValueError(f"loss.head_init must be 'random' or 'shared', got {self.head_init!r}")
         if not self.max_logit_scale > 1:
             raise ValueError(f"loss.max_logit_scale must be > 1, got {self.max_logit_scale}")

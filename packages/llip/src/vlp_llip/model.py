@@ -32,16 +32,28 @@ class MixtureHead(nn.Module):
         heads: H (divides D).
         use_norm: LayerNorm(D) on keys and values.
         keys: Build the key projection (only the text-conditioned variant uses keys).
+        shared_init: Start the K key/value projections as copies of one draw and ``out_proj`` at the identity
+            (``loss.head_init='shared'``), so that at step 0 the head is one projection of the attention-pooled
+            tokens; the default draws each of them independently (the paper).
     """
 
-    def __init__(self, *, tokens: int, width: int, embed_dim: int, heads: int, use_norm: bool, keys: bool) -> None:
+    def __init__(self, *, tokens: int, width: int, embed_dim: int, heads: int, use_norm: bool, keys: bool,
+                 shared_init: bool = False) -> None:
         super().__init__()
         self.heads = heads
         std = width**-0.5
-        self.k_proj = nn.Parameter(torch.randn(tokens, width, embed_dim) * std) if keys else None
-        self.v_proj = nn.Parameter(torch.randn(tokens, width, embed_dim) * std)
+
+        def draw() -> nn.Parameter:
+            w = torch.randn(1 if shared_init else tokens, width, embed_dim) * std
+            return nn.Parameter(w.expand(tokens, width, embed_dim).clone())
+
+        self.k_proj = draw() if keys else None
+        self.v_proj = draw()
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        nn.init.normal_(self.out_proj.weight, std=embed_dim**-0.5)
+        if shared_init:
+            nn.init.eye_(self.out_proj.weight)
+        else:
+            nn.init.normal_(self.out_proj.weight, std=embed_dim**-0.5)
         self.k_norm = nn.LayerNorm(embed_dim) if use_norm and keys else nn.Identity()
         self.v_norm = nn.LayerNorm(embed_dim) if use_norm else nn.Identity()
 
@@ -119,7 +131,8 @@ class LlipModel(nn.Module):
             self.q_norm = nn.LayerNorm(D) if llip.use_norm else nn.Identity()
         if self.variant in ("llip", "avg", "learned_avg"):
             self.mixture = MixtureHead(tokens=K, width=Wv, embed_dim=D, heads=llip.heads,
-                                       use_norm=llip.use_norm, keys=self.variant == "llip")
+                                       use_norm=llip.use_norm, keys=self.variant == "llip",
+                                       shared_init=llip.head_init == "shared")
         if self.variant == "learned_avg":
             self.mix_logits = nn.Parameter(torch.zeros(llip.heads, K))
         if self.variant == "register":
