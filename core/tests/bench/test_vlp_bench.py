@@ -248,3 +248,14 @@ def test_pool_spreads_jobs_over_devices_and_waits_for_after(monkeypatch, tmp_pat
     assert ("start", ("stage2", 1)) not in order
     assert {d for _, _, d in events} == {"0", "1"}  # both GPUs used
     assert len([e for e in events if e[0] == "start"]) == 5
+
+
+def test_counts_are_not_scores():
+    """Set sizes and the linear probe's split sizes stay out of the table and plots; every score stays in."""
+    from vlp_core.bench.report import is_count
+
+    counts = ["retrieval/n_images", "zeroshot_color/n", "retrieval/skipped", "zeroshot_color/probe_n_train",
+              "zeroshot_color/probe_n_test"]
+    scores = ["zeroshot_color/top1", "zeroshot_color/probe_top1", "zeroshot_color/probe_train_top1",
+              "retrieval/mean_recall", "retrieval/i2t_R@1"]
+    assert [is_count(m) for m in counts + scores] == [True] * len(counts) + [False] * len(scores)

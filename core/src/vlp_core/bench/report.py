@@ -29,8 +29,9 @@ __all__ = ["collect", "write_all", "is_count", "fmt", "markdown", "plot_name"]
 
 
 def is_count(metric: str) -> bool:
-    """Sizes and skip counters of the evaluation sets (``*/n``, ``*/n_images``, ``*/skipped``), not scores."""
-    leaf = metric.rsplit("/", 1)[-1]
+    """Sizes and skip counters of the evaluation sets (``*/n``, ``*/n_images``, ``*/skipped``, the linear
+    probe's ``*/probe_n_train``), not scores."""
+    leaf = metric.rsplit("/", 1)[-1].removeprefix("probe_")
     return leaf in ("n", "skipped") or leaf.startswith("n_")
 
 
