@@ -33,7 +33,8 @@ from torch import nn
 from vlp_core.data.transforms import CLIP_MEAN, CLIP_STD, prepare_images
 from vlp_core.eval.scorer import all_gather_rows, dist_rank_world
 
-__all__ = ["vit_features", "fit_linear_probe", "extract_features", "linear_probe_eval", "run_linear_probe"]
+__all__ = ["vit_features", "fit_linear_probe", "extract_features", "linear_probe_eval", "run_linear_probe",
+           "probe_vision_tower"]
 
 
 def vit_features(tower: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -140,6 +141,14 @@ def run_linear_probe(feature_fn: Callable[[torch.Tensor], torch.Tensor], eval_di
     return results
 
 
+def probe_vision_tower(tower: nn.Module, vision: Any, eval_dir: str | Path, sets: list[str], *,
+                       device: torch.device | str, batch_size: int = 256) -> dict[str, float]:
+    """:func:`run_linear_probe` of a ``VisionTower`` with its config's preprocessing (``model.vision``)."""
+    return run_linear_probe(vit_features(tower), eval_dir, sets, image_size=vision.image_size, device=device,
+                            batch_size=batch_size, interpolation=vision.interpolation, mean=vision.image_mean,
+                            std=vision.image_std)
+
+
 def _load_method(name: str) -> Any:
     from importlib.metadata import entry_points
 
@@ -201,10 +210,8 @@ def _probe_run(args: argparse.Namespace) -> dict[str, float]:
     if not isinstance(tower, nn.Module):
         raise ValueError(f"the {args.method} model has no image tower at .{args.tower}")
     tower.eval()
-    v = cfg.model.vision
-    return run_linear_probe(vit_features(tower), eval_dir_for(cfg.eval, world), split_names(args.sets),
-                            image_size=v.image_size, device="cpu", interpolation=v.interpolation,
-                            mean=v.image_mean, std=v.image_std)
+    return probe_vision_tower(tower, cfg.model.vision, eval_dir_for(cfg.eval, world), split_names(args.sets),
+                              device="cpu")
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def evaluate(cfg: RunConfig, method: MethodSpec, parts: Parts, step_module: nn.M
         results = run_evaluation(scorer, parts.tokenizer, eval_cfg, root=parts.eval_root or ".",
                                  **preprocess_kwargs(cfg.model.vision), device=device,
                                  log=log.info if is_main() else (lambda *a: None))
-        if parts.eval_root is not None and cfg.eval.linear_probe.strip(" ,"):
+        if parts.eval_root is not None:
             results.update(_linear_probe(cfg, model, parts.eval_root, device))
     model.train(was_training)
     writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
@@ -256,20 +256,18 @@ def evaluate(cfg: RunConfig, method: MethodSpec, parts: Parts, step_module: nn.M
 
 def _linear_probe(cfg: RunConfig, model: nn.Module, root: str | Path, device: torch.device) -> dict[str, float]:
     """``eval.linear_probe``: a linear probe of the frozen ``model.visual`` on each named zero-shot set."""
-    from vlp_core.eval.linear_probe import run_linear_probe, vit_features
+    from vlp_core.eval.linear_probe import probe_vision_tower
     from vlp_core.eval.runner import eval_dir_for, split_names
     from vlp_core.models.vit import VisionTower
 
+    sets = split_names(cfg.eval.linear_probe)
+    if not sets:
+        return {}
     tower = getattr(model, "visual", None)
     if not isinstance(tower, VisionTower):
         raise ValueError(f"eval.linear_probe: the {cfg.method} model has no ViT image tower at .visual")
-    v = cfg.model.vision
-    results = run_linear_probe(vit_features(tower), eval_dir_for(cfg.eval, root), split_names(cfg.eval.linear_probe),
-                               image_size=v.image_size, device=device, batch_size=cfg.eval.batch_size,
-                               interpolation=v.interpolation, mean=v.image_mean, std=v.image_std)
-    if is_main():
-        log.info("eval linear probe: %s", " ".join(f"{k}={x:.2f}" for k, x in results.items() if k.endswith("top1")))
-    return results
+    return probe_vision_tower(tower, cfg.model.vision, eval_dir_for(cfg.eval, root), sets, device=device,
+                              batch_size=cfg.eval.batch_size)
 
 
 def format_results(results: dict[str, float]) -> str:
