@@ -39,6 +39,7 @@ background write surfaces in :meth:`CheckpointManager.finish` (or, without block
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -569,14 +570,15 @@ class CheckpointManager:
             failures = [f for f in gathered if f is not None]
         if not failures:
             return
-        shutil.rmtree(tmp, ignore_errors=True)
-        rank, err, reason = failures[0]
+        _remove_partial(tmp)
+        # A rank's ENOENT is most often a consequence (a folder another rank's failure removed): name the cause.
+        rank, err, reason = min(failures, key=lambda f: (f[1] == errno.ENOENT, f[0]))
         raise CheckpointWriteError(final, OSError(err, reason) if err is not None else reason,
                                    rank=rank if _distributed() else None)
 
     def _failed(self, tmp: Path, final: Path, error: BaseException) -> CheckpointWriteError:
         """The partial folder of a failed DCP write removed; the error (the first failing rank's) to raise."""
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_partial(tmp)
         rank, cause = None, error
         failures = getattr(error, "failures", None)
         if isinstance(failures, dict) and failures:
@@ -680,6 +682,16 @@ def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
     return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _remove_partial(tmp: Path) -> None:
+    """Remove a failed save's ``.tmp`` folder: on rank 0 only (the folder is shared, and rank 0 creates it).
+
+    Each rank removing it was a race: a slow rank's removal could delete the folder rank 0 had already created
+    again for its next save, and that save then failed on rank 0 with "No such file or directory".
+    """
+    if _rank_world()[0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _barrier() -> None:

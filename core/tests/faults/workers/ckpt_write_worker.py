@@ -4,6 +4,8 @@ Usage: ``ckpt_write_worker.py OUT``. Each rank writes ``OUT/rank_<r>.json``: sce
 ``CheckpointWriteError`` it raised (None if it raised nothing). Scenarios, each failing on one rank only:
 ``record`` (rank 1's side record), ``shard`` (rank 1's shard write), ``commit`` (rank 0's commit record),
 ``async`` (rank 1's shard write in the background save: ``poll`` then ``finish``). Steps 1 and 6 save cleanly.
+Rank 1's ``shutil.rmtree`` is slowed down, so that a rank other than 0 removing a failed save's folder would
+delete the folder of the next save (the race this worker once lost at random).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 import sys
 import time
@@ -62,6 +65,15 @@ def main() -> None:
 
     def save(step: int, *, async_save: bool = False) -> None:
         ckpts.save_dcp(step, module, optimizer, {"step": step}, {"rank": rank}, async_save=async_save)
+
+    if rank == 1:  # a slow rank: a removal of the failed save's folder that lands after rank 0 made it again
+        real_rmtree = shutil.rmtree
+
+        def slow_rmtree(path, *args, **kwargs):
+            time.sleep(0.5)
+            return real_rmtree(path, *args, **kwargs)
+
+        shutil.rmtree = slow_rmtree
 
     results: dict[str, str | None] = {}
     save(1)
