@@ -60,10 +60,10 @@ def demo() -> RunConfig:
 def register_demo() -> RunConfig:
     """The ablation baseline at equal token count: SigLIP on the first of the same K tokens.
 
-    It is SigLIP, so its logit scale starts at SigLIP's 10 (as Llip's ``demo`` now does): at seed 1 it reaches
-    i2t R@1 38.9% from 10 and 12.1% from 14.3, and the core's SigLIP on the same token 32.9%. It still stalls
-    at some seeds: 2.7 / 38.9 / 18.5% at seeds 0 / 1 / 2 (README, ``bench/llip_vs_register.yaml``). It has no
-    mixture head, so ``loss.head_init`` does not touch it.
+    It is SigLIP, so its logit scale starts at SigLIP's 10 (as Llip's ``demo`` does), with Llip's tower (the
+    linear patch stem, tokens at width**-0.5). It has no mixture head, so ``loss.head_init`` does not touch it.
+    i2t R@1 16.5 / 12.4 / 21.3% at seeds 0 / 1 / 2, against Llip's 40.5 / 40.2 / 39.6% and the core's SigLIP on
+    the patch average of the same tower 13.1 / 12.9 / 14.7% (README, ``bench/llip_vs_register.yaml``).
     """
     cfg = demo()
     cfg.loss.variant = "register"
