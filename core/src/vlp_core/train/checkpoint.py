@@ -554,7 +554,7 @@ class CheckpointManager:
             self.prune()
 
     def _agree(self, error: OSError | None, tmp: Path, final: Path) -> None:
-        """A collective: if any rank's ``error`` is set, every rank removes ``tmp`` and raises the first one.
+        """A collective: if any rank's ``error`` is set, rank 0 removes ``tmp`` and every rank raises the same error.
 
         Runs on the gloo group of the background writes, so it needs no device tensors whatever the
         training's backend.
